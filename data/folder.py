@@ -1,0 +1,70 @@
+"""An image folder with one subfolder per class, as arrays with a stratified, seeded split."""
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.images import ImageError, list_images, read_image, resize
+
+
+@dataclass
+class FolderData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    class_names: list
+    skipped: list = field(default_factory=list)  # (path, reason) of files that could not be read
+
+
+def class_folders(root):
+    """The class subfolders of `root`, sorted; a clear error when there are fewer than two."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise ValueError(f"{root}: need at least two class subfolders, found {len(folders)}")
+    return folders
+
+
+def read_folder(root, image_size):
+    """Read every image under root/<class>/ resized to image_size=(h, w) -> (x, y, class_names, skipped)."""
+    folders = class_folders(root)
+    files = [(path, label) for label, folder in enumerate(folders) for path in list_images(folder)]
+    images, labels, skipped = [], [], []
+    for path, label in tqdm(files, desc=f"reading {Path(root).name}", unit="img", mininterval=1):
+        try:
+            images.append(resize(read_image(path), image_size))
+            labels.append(label)
+        except ImageError as e:
+            skipped.append((str(path), str(e)))
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(folders))
+    empty = [folders[i].name for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"{root}: class folder(s) with no readable image: {', '.join(empty)}")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable file(s) of {len(files)} in {root}", stacklevel=2)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), [f.name for f in folders], skipped
+
+
+def stratified_split(labels, val_fraction, seed):
+    """Indices (train, val): each class split in the same proportion, reproducibly for a seed."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        n_val = min(max(n_val, 1 if val_fraction > 0 and len(idx) > 1 else 0), len(idx) - 1)
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+def load_image_folder(root, image_size=(64, 64), val_fraction=0.2, seed=0):
+    """Read an image folder and split it: see FolderData."""
+    x, y, class_names, skipped = read_folder(root, image_size)
+    train, val = stratified_split(y, val_fraction, seed)
+    return FolderData(x[train], y[train], x[val], y[val], class_names, skipped)
