@@ -172,7 +172,7 @@ def parse_args(argv=None):
     return args
 
 
-def train(args):
+def train(args, extra_callbacks=()):
     run = Path(args.out)
     backup, history_csv, model_path = run / "backup", run / "history.csv", run / "model.keras"
     if (run / "results.json").is_file() and not backup.exists():
@@ -181,9 +181,9 @@ def train(args):
         (run / "results.json").unlink()
     if not backup.exists() and history_csv.exists():
         history_csv.unlink()  # a fresh start: no rows from an older run
-    run.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)
+    run.mkdir(parents=True, exist_ok=True)
     print(f"{len(x_train)} training and {len(x_val)} {val_name} images, {len(names)} classes; recipe: "
           + ", ".join(f"{k}={getattr(args, k)}" for k in RECIPES["original"]))
     model = build_model(x_train.shape[1:], len(names), dtype=args.precision)
@@ -196,7 +196,8 @@ def train(args):
         # epoch instead of choosing on the test set.
         SaveBest(model_path, names, history_csv, monitor=None if val_name == "test" else "val_accuracy",
                  display_names=display),
-        keras.callbacks.BackupAndRestore(str(backup)),  # last: runs after the epoch's files are written
+        keras.callbacks.BackupAndRestore(str(backup)),  # after the epoch's files are written
+        *extra_callbacks,
     ]
     start = time.time()
     val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names)))

@@ -38,6 +38,8 @@ def read_image(path):
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -49,8 +51,8 @@ def read_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path}: image too large (over Pillow's decompression-bomb limit)") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
-        reason = "not an image or an unsupported format" if isinstance(e, Image.UnidentifiedImageError) else (
-            "empty file" if path.stat().st_size == 0 else f"corrupt or truncated image ({e})")
+        reason = "not an image or an unsupported format" if isinstance(e, Image.UnidentifiedImageError) \
+            else f"corrupt or truncated image ({e})"
         raise ImageError(f"{path}: {reason}") from None
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageError(f"{path}: image has no pixels")

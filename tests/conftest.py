@@ -1,0 +1,66 @@
+"""Shared fixtures: repository paths, ../shared data (skipped when absent), tiny models and folders."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+import runtime  # noqa: E402,F401  (quiet TensorFlow start-up before keras)
+
+
+def shared_file(relative):
+    """A file from ../shared, or skip: a user's clone has no ../shared, CI has it."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs ../shared/{relative} (present in CI, absent in a user's clone)")
+    return path
+
+
+def run_cli(*args, cwd=ROOT, timeout=300):
+    """Run a repo command in a subprocess; returns CompletedProcess with text output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def write_image(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def color_folder(tmp_path):
+    """Three classes told apart by colour: red, green, blue pictures, 40x40, 10 each."""
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["red", "green", "blue"]):
+        for i in range(10):
+            a = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+            a[..., k] += 180
+            write_image(tmp_path / "colors" / name / f"{i}.png", a)
+    return tmp_path / "colors"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """An untrained build_model at 32x32 with 10 classes, saved with class names."""
+    from data.cifar10 import CLASS_NAMES
+    from model import build_model, save_model
+
+    keras_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    save_model(build_model(), path, CLASS_NAMES)
+    return path
+
+
+def keras_seed(seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)

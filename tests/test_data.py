@@ -1,0 +1,151 @@
+"""Reading images of every common format, image folders, CIFAR-10 in both layouts."""
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from data.cifar10 import load_cifar10, safe_unpickle
+from data.folder import load_image_folder, stratified_split
+from data.images import ImageError, read_image, resize
+
+RGB = (np.arange(12 * 10 * 3).reshape(12, 10, 3) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp", ".gif", ".tif"])
+def test_common_formats_read_as_rgb_uint8(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(RGB).save(path)
+    a = read_image(path)
+    assert a.shape == (12, 10, 3) and a.dtype == np.uint8
+    if suffix in (".png", ".bmp", ".tif", ".webp") and suffix != ".webp":
+        np.testing.assert_array_equal(a, RGB)
+
+
+def test_grayscale_rgba_palette_and_16_bit_become_rgb8(tmp_path):
+    grey = Image.fromarray(np.full((5, 6), 77, np.uint8))
+    grey.save(tmp_path / "g.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "g.png"), np.full((5, 6, 3), 77))
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    a = read_image(tmp_path / "a.png")
+    assert tuple(a[0, 0]) == (200, 0, 0) and tuple(a[3, 3]) == (255, 255, 255)
+
+    Image.fromarray(RGB).convert("P").save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").shape == (12, 10, 3)
+
+    deep = np.full((3, 3), 128 * 257, np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")  # 16-bit greyscale PNG
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    np.testing.assert_array_equal(read_image(tmp_path / "d.png"), np.full((3, 3, 3), 128))
+
+    Image.fromarray(RGB).convert("CMYK").save(tmp_path / "c.jpg")
+    assert read_image(tmp_path / "c.jpg").shape == (12, 10, 3)
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"hello", "not an image"),
+                                             ("truncated", "corrupt or truncated")])
+def test_broken_files_raise_image_error(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    if content == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        read_image(path)
+
+
+def test_missing_file_and_directory_raise_image_error(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ImageError, match="not a file"):
+        read_image(tmp_path / "dir.png")
+
+
+def test_resize_to_model_size():
+    assert resize(RGB, (32, 32)).shape == (32, 32, 3)
+    assert resize(np.zeros((300, 200, 3), np.uint8), (64, 64)).shape == (64, 64, 3)
+
+
+def test_folder_loading_resizes_splits_stratified_and_counts_skipped(color_folder):
+    (color_folder / "red" / "broken.jpg").write_bytes(b"junk")
+    (color_folder / "green" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        d = load_image_folder(color_folder, (16, 16), val_fraction=0.2, seed=1)
+    assert d.class_names == ["blue", "green", "red"]
+    assert d.x_train.shape == (24, 16, 16, 3) and d.x_val.shape == (6, 16, 16, 3)
+    assert np.bincount(d.y_val).tolist() == [2, 2, 2]
+    assert len(d.skipped) == 2
+    again = load_image_folder(color_folder, (16, 16), val_fraction=0.2, seed=1)
+    np.testing.assert_array_equal(again.x_val, d.x_val)  # seeded: the same split every time
+
+
+def test_stratified_split_keeps_every_class_in_train():
+    y = np.array([0] * 10 + [1] * 3 + [2] * 2)
+    train, val = stratified_split(y, 0.2, seed=0)
+    assert set(np.bincount(y[val]).tolist()) <= {1, 2} and np.bincount(y[train]).min() >= 1
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(y)
+
+
+def test_empty_class_folder_and_single_class_are_errors(color_folder):
+    (color_folder / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable image: empty"):
+        load_image_folder(color_folder, (16, 16))
+    with pytest.raises(ValueError, match="at least two class subfolders"):
+        load_image_folder(color_folder / "red", (16, 16))
+
+
+def _write_batch(path, n, seed):
+    rng = np.random.default_rng(seed)
+    data = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    data[b"labels"] = [int(v) for v in data[b"labels"]]
+    path.write_bytes(pickle.dumps(data))
+    return data
+
+
+def test_cifar10_from_python_pickles(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    first = _write_batch(folder / "data_batch_1", 4, 0)
+    for i in range(2, 6):
+        _write_batch(folder / f"data_batch_{i}", 4, i)
+    _write_batch(folder / "test_batch", 3, 9)
+    (x, y), (xt, yt), names = load_cifar10(tmp_path)
+    assert x.shape == (20, 32, 32, 3) and xt.shape == (3, 32, 32, 3) and names[0] == "airplane"
+    np.testing.assert_array_equal(x[0, :, :, 0].ravel(), first[b"data"][0, :1024])  # channel-first rows → HWC
+    assert y[:4].tolist() == first[b"labels"]
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
+    with pytest.raises(pickle.UnpicklingError, match="refused to load"):
+        safe_unpickle(path)
+
+
+def test_cifar10_from_jpeg_tree(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("test", 1)):
+        for c in ["airplane", "cat"]:
+            for i in range(n):
+                write_image(tmp_path / split / c / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    (x, y), (xt, yt), names = load_cifar10(tmp_path)
+    assert names == ["airplane", "cat"] and x.shape == (4, 32, 32, 3) and yt.tolist() == [0, 1]
+
+
+def test_cifar10_unknown_layout_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        load_cifar10(tmp_path)

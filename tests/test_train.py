@@ -1,0 +1,77 @@
+"""Training end to end on a tiny folder: every output file, resume after an interruption, CLI errors."""
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import train
+from conftest import run_cli
+from model import load_model
+
+TINY = ["--dataset", "folder", "--image-size", "16", "--batch-size", "8", "--quiet"]
+
+
+def history_epochs(run):
+    with open(run / "history.csv") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def test_one_epoch_writes_every_output(color_folder, tmp_path):
+    run = tmp_path / "run"
+    train.main([*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(run)])
+    files = {p.name for p in run.iterdir()}
+    assert {"model.keras", "model.classes.json", "history.csv", "acc.png", "loss.png", "confusion.png",
+            "results.json"} <= files
+    assert "backup" not in files  # the resume state goes once training is done
+    model, names, _ = load_model(run / "model.keras")
+    assert names == ["blue", "green", "red"] and model.input_shape == (None, 16, 16, 3)
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["validation_accuracy"] <= 1 and results["validation_images"] == 6
+    assert history_epochs(run) == [0]
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops training like Ctrl-C once `after` epochs are complete (and backed up)."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path):
+    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "3", "--augment", "rotate-shift-flip"]
+    whole = tmp_path / "whole"
+    train.train(train.parse_args([*args, "--out", str(whole)]))
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args([*args, "--out", str(resumed)]), extra_callbacks=[Interrupt(after=2)])
+    assert (resumed / "backup").is_dir() and history_epochs(resumed) == [0, 1]
+    train.train(train.parse_args([*args, "--out", str(resumed)]))
+    assert history_epochs(resumed) == [0, 1, 2]
+    a, _, _ = load_model(whole / "model.keras")
+    b, _, _ = load_model(resumed / "model.keras")
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-5)
+
+
+def test_finished_run_is_not_overwritten_by_accident(color_folder, tmp_path):
+    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(tmp_path / "run")]
+    train.main(args)
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        train.main(args)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    r = run_cli("train.py", "--dataset", "folder", "--data-dir", tmp_path / "data", "--out", tmp_path / "run")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "at least two class" in r.stderr
+    r = run_cli("train.py", "--dataset", "nope")
+    assert r.returncode == 2 and "usage:" in r.stderr
