@@ -19,8 +19,7 @@ def save_figure(fig, path, dpi=100):
 
 
 def read_history(csv_path):
-    """Per-epoch rows of a Keras CSVLogger file as {column: array}; a resumed run may repeat an
-    epoch, and then its last row wins."""
+    """Per-epoch rows of a history CSV as {column: array}; if an epoch repeats, its last row wins."""
     with open(csv_path, newline="") as f:
         rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
     epochs = sorted(rows)
@@ -30,8 +29,8 @@ def read_history(csv_path):
     return history
 
 
-def learning_curves(history, out_dir, title=""):
-    """acc.png and loss.png: train and validation per epoch."""
+def learning_curves(history, out_dir, title="", prefix=""):
+    """PREFIXacc.png and PREFIXloss.png: train and validation per epoch."""
     for metric, label in (("accuracy", "accuracy"), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(history["epoch"], history[metric], label="train")
@@ -42,7 +41,7 @@ def learning_curves(history, out_dir, title=""):
         ax.set_title(f"{title} {label}".strip())
         ax.grid(alpha=0.3)
         ax.legend()
-        save_figure(fig, f"{out_dir}/{'acc' if metric == 'accuracy' else 'loss'}.png")
+        save_figure(fig, f"{out_dir}/{prefix}{'acc' if metric == 'accuracy' else 'loss'}.png")
 
 
 def confusion_matrix_figure(matrix, names, path, title=""):
@@ -110,3 +109,19 @@ def single_layer_figure(original, resized, cam, blended, title, path):
     fig.suptitle(title)
     _colorbar(fig, axes.tolist())
     save_figure(fig, path)
+
+
+def overlay_grid(images, maps, titles, path, columns, suptitle=""):
+    """Many pictures with their heatmaps overlaid, one title each; an image None leaves its cell empty."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows + 0.5), squeeze=False)
+    for ax, image, cam, title in zip(axes.ravel(), images, maps, titles):
+        if image is None:  # a gap keeps the columns aligned
+            ax.axis("off")
+        else:
+            _overlay_panel(ax, image, cam, title, fontsize=7)
+    for ax in axes.ravel()[len(images):]:
+        ax.axis("off")
+    fig.suptitle(suptitle)
+    _colorbar(fig, axes.ravel().tolist())
+    save_figure(fig, path, dpi=110)

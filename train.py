@@ -7,6 +7,8 @@ RUN_DIR gets model.keras (+ model.classes.json), history.csv, acc.png, loss.png 
 results.json. Rerunning with the same --out resumes an interrupted run where it stopped.
 """
 import argparse
+import csv
+import io
 import json
 import os
 import platform
@@ -28,7 +30,7 @@ from model import build_model, load_model, save_model  # noqa: E402
 RECIPES = {
     "original": dict(epochs=48, batch_size=256, learning_rate=3e-4, schedule="constant", augment="none",
                      label_smoothing=0.0, weight_decay=0.0, precision="float32"),
-    "cifar10": dict(epochs=30, batch_size=256, learning_rate=2e-3, schedule="onecycle", augment="crop-flip",
+    "cifar10": dict(epochs=22, batch_size=256, learning_rate=2e-3, schedule="onecycle", augment="crop-flip",
                     label_smoothing=0.1, weight_decay=0.05, precision="float32"),
     "folder": dict(epochs=60, batch_size=64, learning_rate=1e-3, schedule="onecycle", augment="rotate-shift-flip",
                    label_smoothing=0.1, weight_decay=0.05, precision="float32"),
@@ -63,6 +65,27 @@ class SetEpoch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches.epoch = epoch
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Per-epoch logs as CSV, rewritten atomically each epoch (a kill never leaves half a row); rows from
+    epochs a resumed run redoes are replaced."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+        row = {"epoch": epoch, **{k: float(v) for k, v in sorted((logs or {}).items())}}
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows + [row])
+        write_text(self.path, buffer.getvalue())
 
 
 class SaveBest(keras.callbacks.Callback):
@@ -191,7 +214,7 @@ def train(args, extra_callbacks=()):
     compile_model(model, args, steps=args.epochs * len(batches))
     callbacks = [
         SetEpoch(batches),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        HistoryCSV(history_csv),
         # Keep the best validation model; for CIFAR-10 the validation set is the test split, so keep the last
         # epoch instead of choosing on the test set.
         SaveBest(model_path, names, history_csv, monitor=None if val_name == "test" else "val_accuracy",

@@ -38,14 +38,15 @@ def _load_batch(path):
     return x, np.asarray(d[b"labels"], dtype=np.int64)
 
 
-def _load_pickles(folder):
-    train = [_load_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+def _load_pickles(folder, train=True):
+    batches = [_load_batch(folder / f"data_batch_{i}") for i in range(1, 6)] if train else [_EMPTY]
     x_test, y_test = _load_batch(folder / "test_batch")
     names = CLASS_NAMES
     meta = folder / "batches.meta"
     if meta.is_file():
         names = [n.decode() for n in safe_unpickle(meta)[b"label_names"]]
-    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])), (x_test, y_test), names
+    x_train, y_train = np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+    return (x_train, y_train), (x_test, y_test), names
 
 
 def _load_split(folder, class_names):
@@ -60,16 +61,21 @@ def _load_split(folder, class_names):
     return x, np.asarray(labels, dtype=np.int64)
 
 
-def _load_jpeg_tree(folder):
+def _load_jpeg_tree(folder, train=True):
     class_names = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-    return _load_split(folder / "train", class_names), _load_split(folder / "test", class_names), class_names
+    train_split = _load_split(folder / "train", class_names) if train else _EMPTY
+    return train_split, _load_split(folder / "test", class_names), class_names
 
 
-def load_cifar10(data_dir=None):
+_EMPTY = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
+
+
+def load_cifar10(data_dir=None, train=True):
     """Return ((x_train, y_train), (x_test, y_test), class_names); x uint8 (N, 32, 32, 3), y int (N,).
 
     data_dir: None downloads through keras.datasets; else a folder holding the
     `cifar-10-batches-py` pickles (or being it), or `train/<class>/*` and `test/<class>/*` images.
+    train=False skips reading the training split (it comes back empty).
     """
     if data_dir is None:
         import keras
@@ -79,7 +85,7 @@ def load_cifar10(data_dir=None):
     folder = Path(data_dir)
     for candidate in (folder, folder / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file():
-            return _load_pickles(candidate)
+            return _load_pickles(candidate, train)
     if (folder / "train").is_dir() and (folder / "test").is_dir():
-        return _load_jpeg_tree(folder)
+        return _load_jpeg_tree(folder, train)
     raise ValueError(f"{folder}: neither cifar-10-batches-py pickles nor train/ and test/ class folders")

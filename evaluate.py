@@ -1,0 +1,472 @@
+"""Is the heatmap right? Faithfulness metrics, a sanity check and timing for Score-CAM and its baselines.
+
+    python evaluate.py --model models/cifar10.keras --data-dir DIR [--n 1000] [--json OUT]
+                       [--figure md_image/eval_cifar10.png] [--sanity-n 50] [--seed 0]
+    python evaluate.py --dataset folder --model MODEL --data-dir FACES_DIR ...   (its validation split)
+    python evaluate.py --markdown results.json                                   (the README table)
+
+Methods: Score-CAM, Faster-Score-CAM (16 channels), Grad-CAM, Grad-CAM++, and two floors that
+ignore the model (seeded smooth noise, a centred Gaussian). The target class is the predicted one.
+
+  Average Drop %      mean over images of max(0, Y - O) / Y x 100, where Y is the target's softmax
+                      probability on the image and O on the explanation image (image x map, the
+                      map broadcast over RGB). Lower is better (Chattopadhay et al. 2018).
+  Increase in Conf. % share of images with O > Y, x 100. Higher is better.
+  Deletion AUC        pixels ranked by the map (highest first, ties in a seeded random order) are
+                      set to 0 in `steps` equal steps; the target probability after each step
+                      (0 % and 100 % changed included) is integrated by the trapezoid rule over the
+                      fraction of pixels changed, x in [0, 1]. Lower is better (Petsiuk et al. 2018).
+  Insertion AUC       the same, restoring the ranked pixels onto a blurred copy of the image
+                      (Gaussian, sigma --blur-sigma pixels). Higher is better.
+  ms / image          wall time of the method, images in chunks of TIME_CHUNK after one warm-up call
+                      (each image gets its chunk's time per image: the interval is chunk to chunk).
+  Sanity check        cascading model parameter randomisation (Adebayo et al. 2018): a copy of the
+                      model is re-initialised from the top layer down, one layer (a BatchNorm with
+                      the conv below it) at a time; after each step, the mean Spearman rank
+                      correlation between each image's map from the trained and the randomised
+                      model, for the trained model's predicted class. A method that explains the
+                      model should decorrelate; the floors stay at 1.
+
+Every value comes with a 95 % bootstrap interval over images (seeded, BOOTSTRAP resamples).
+"""
+import argparse
+import functools
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
+import cv2
+import keras
+import numpy as np
+from scipy.stats import rankdata
+from tqdm import tqdm
+
+from atomic import write_text
+from gradcam import center_map, grad_cam, grad_cam_pp, random_map
+from scorecam import DEFAULT_MODEL, conv_layer, score_cam
+
+METHODS = {
+    "scorecam": score_cam,
+    "faster_scorecam": functools.partial(score_cam, max_n=16),
+    "gradcam": grad_cam,
+    "gradcampp": grad_cam_pp,
+    "random": random_map,
+    "center": center_map,
+}
+LABELS = {"scorecam": "Score-CAM", "faster_scorecam": "Faster-Score-CAM (16 ch.)", "gradcam": "Grad-CAM",
+          "gradcampp": "Grad-CAM++", "random": "random floor", "center": "centre floor"}
+METRICS = {"avg_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
+           "deletion_auc": "Deletion AUC ↓", "insertion_auc": "Insertion AUC ↑", "ms_per_image": "ms / image"}
+# The Score-CAM paper's Tables 1 and 2 (ImageNet validation, VGG16), as a reference point.
+PAPER = {"Score-CAM": dict(avg_drop=31.5, increase=30.6, insertion_auc=0.386, deletion_auc=0.077),
+         "Grad-CAM": dict(avg_drop=47.8, increase=19.6, insertion_auc=0.357, deletion_auc=0.089),
+         "Grad-CAM++": dict(avg_drop=45.5, increase=18.9, insertion_auc=0.346, deletion_auc=0.082)}
+STEPS = 32  # deletion / insertion steps: 33 points per curve
+BLUR_SIGMA = 5.0  # RISE's insertion blur, in pixels
+BOOTSTRAP = 1000
+TIME_CHUNK = 64
+
+
+# ---------------------------------------------------------------- metrics
+
+def predict(model, images, batch_size=256):
+    """Softmax probabilities (N, C) float32, batch_size images per forward pass."""
+    out = [np.asarray(model.predict_on_batch(images[i:i + batch_size]), dtype=np.float32)
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def target_probs(model, images, targets, batch_size=256):
+    return predict(model, images, batch_size)[np.arange(len(images)), targets]
+
+
+def drop_and_increase(y, o):
+    """Per-image Average Drop terms max(0, Y - O) / Y x 100 and Increase terms 1[O > Y] x 100."""
+    y, o = np.asarray(y, np.float64), np.asarray(o, np.float64)
+    drop = np.maximum(0, y - o) / np.maximum(y, np.finfo(np.float32).tiny) * 100
+    return drop, (o > y) * 100.0
+
+
+def pixel_ranks(maps, seed=0):
+    """Rank of each pixel in its map, 0 = highest; equal values in a seeded random order, so that
+    flat regions are not removed top row first."""
+    n, h, w = maps.shape
+    flat = maps.reshape(n, -1)
+    tiebreak = np.random.default_rng(seed).random(flat.shape)
+    order = np.lexsort((tiebreak, -flat), axis=1)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(h * w)[None].repeat(n, 0), axis=1)
+    return ranks.reshape(n, h, w)
+
+
+def perturbation_curves(model, start, end, maps, targets, steps=STEPS, batch_size=256, seed=0, desc=None):
+    """Target probability as pixels switch from `start` to `end` images in the maps' order.
+
+    Returns x (steps + 1,) the fraction switched, from 0 to 1, and curves (N, steps + 1). All
+    images of a step go through the network together, batch_size at a time.
+    """
+    n, h, w = maps.shape
+    ranks = pixel_ranks(maps, seed)
+    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(np.int64)
+    curves = np.zeros((n, steps + 1), dtype=np.float32)
+    for s, k in enumerate(tqdm(counts, desc=desc, leave=False, disable=None if desc else True, mininterval=1)):
+        x = np.where((ranks < k)[..., None], end, start).astype(np.float32)
+        curves[:, s] = target_probs(model, x, targets, batch_size)
+    return counts / (h * w), curves
+
+
+def blur(images, sigma=BLUR_SIGMA):
+    """Gaussian blur of each image (OpenCV, kernel from sigma, reflected border): insertion's start."""
+    return np.stack([cv2.GaussianBlur(np.float32(im), (0, 0), sigma) for im in images]) if len(images) else images
+
+
+def auc(x, curves):
+    """Area under each curve (..., len(x)) by the trapezoid rule."""
+    return np.trapezoid(np.asarray(curves, np.float64), np.asarray(x, np.float64), axis=-1)
+
+
+def deletion(model, images, maps, targets, steps=STEPS, batch_size=256, seed=0, desc=None):
+    """(x, curves): most important pixels set to 0 first."""
+    return perturbation_curves(model, images, np.zeros_like(images), maps, targets, steps, batch_size, seed, desc)
+
+
+def insertion(model, images, maps, targets, steps=STEPS, batch_size=256, seed=0, sigma=BLUR_SIGMA, desc=None):
+    """(x, curves): most important pixels restored first onto a blurred copy."""
+    return perturbation_curves(model, blur(images, sigma), images, maps, targets, steps, batch_size, seed, desc)
+
+
+def bootstrap_ci(values, resamples=BOOTSTRAP, seed=0, level=0.95):
+    """Percentile bootstrap interval [low, high] of the mean of per-image values."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        raise ValueError("no values to bootstrap")
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return [float(low), float(high)]
+
+
+def spearman(a, b):
+    """Spearman rank correlation of each pair of maps a[i], b[i]; 0 where a map is constant, since a
+    constant map ranks nothing."""
+    ra = rankdata(np.asarray(a).reshape(len(a), -1), axis=1)
+    rb = rankdata(np.asarray(b).reshape(len(b), -1), axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1), 0.0)
+
+
+# ---------------------------------------------------------------- sanity check
+
+def layer_groups(model):
+    """[(name, layers)] from the top down, one per layer with weights; each BatchNorm joins the
+    layer below it (the conv its block ends with), so a block is randomised as the cascade reaches it."""
+    groups, pending = [], []
+    for layer in reversed(model.layers):
+        if not layer.weights:
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            pending.append(layer)
+        else:
+            groups.append((layer.name, [layer] + pending))
+            pending = []
+    if pending and groups:
+        groups[-1][1].extend(pending)
+    return groups
+
+
+def reinitialise(layer, seed):
+    """Re-draw every weight of a layer with its own initializer (seeded); weights without one get a
+    seeded Glorot uniform (2-D and more) or normal (stddev 0.05)."""
+    for i, var in enumerate(layer.weights):
+        init = getattr(layer, f"{var.name}_initializer", None)
+        if isinstance(init, keras.initializers.Initializer):
+            config = init.get_config()
+            if "seed" in config:
+                config["seed"] = seed + i
+            init = type(init).from_config(config)
+        elif len(var.shape) >= 2:
+            init = keras.initializers.GlorotUniform(seed=seed + i)
+        else:
+            init = keras.initializers.RandomNormal(stddev=0.05, seed=seed + i)
+        var.assign(init(var.shape, dtype=var.dtype))
+
+
+def sanity_check(model, images, methods, targets, layer=None, batch_size=256, seed=0):
+    """Cascading randomisation: {method: {group: per-image Spearman (trained map vs randomised map)}}.
+
+    Works on a copy of the model (clone_model + set_weights); the class is the trained model's target.
+    """
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    trained = {name: fn(model, images, layer, targets, batch_size) for name, fn in methods.items()}
+    out = {name: {} for name in methods}
+    for g, (group, layers) in enumerate(tqdm(layer_groups(copy), desc="sanity check", unit="layer", mininterval=1)):
+        for j, lay in enumerate(layers):
+            reinitialise(lay, seed * 100_000 + g * 100 + j * 10)
+        for name, fn in methods.items():
+            out[name][group] = spearman(trained[name], fn(copy, images, layer, targets, batch_size))
+    return out
+
+
+# ---------------------------------------------------------------- one method, all metrics
+
+def method_functions(names, seed=0):
+    """{name: f(model, images, layer, class_index, batch_size)}, the random floor with this seed."""
+    return {n: functools.partial(random_map, seed=seed) if n == "random" else METHODS[n] for n in names}
+
+
+def explain_timed(method, model, images, targets, layer=None, batch_size=256, chunk=TIME_CHUNK):
+    """(maps, seconds per image): chunks of images are timed and share their chunk's time; one
+    warm-up call first, so graph tracing is not counted."""
+    method(model, images[:1], layer, targets[:1], batch_size)
+    maps, seconds = [], np.zeros(len(images))
+    for start in range(0, len(images), chunk):
+        t = time.perf_counter()
+        maps.append(method(model, images[start:start + chunk], layer, targets[start:start + chunk], batch_size))
+        seconds[start:start + chunk] = (time.perf_counter() - t) / len(maps[-1])
+    return np.concatenate(maps), seconds
+
+
+def per_image_metrics(model, images, maps, targets, y, steps=STEPS, batch_size=256, seed=0, sigma=BLUR_SIGMA,
+                      desc=""):
+    """{metric: per-image values} and the deletion / insertion curves for one method's maps."""
+    o = target_probs(model, images * maps[..., None], targets, batch_size)
+    drop, increase = drop_and_increase(y, o)
+    x, del_curves = deletion(model, images, maps, targets, steps, batch_size, seed, desc=f"{desc} deletion")
+    _, ins_curves = insertion(model, images, maps, targets, steps, batch_size, seed, sigma, f"{desc} insertion")
+    values = {"avg_drop": drop, "increase": increase,
+              "deletion_auc": auc(x, del_curves), "insertion_auc": auc(x, ins_curves)}
+    return values, x, del_curves, ins_curves
+
+
+def summarise(values, seed=0, resamples=BOOTSTRAP):
+    """{metric: mean, metric_ci: [low, high]} from per-image values."""
+    out = {}
+    for key, v in values.items():
+        out[key] = float(np.mean(v))
+        out[f"{key}_ci"] = bootstrap_ci(v, resamples, seed)
+    return out
+
+
+def evaluate(model, images, names=None, layer=None, steps=STEPS, batch_size=256, seed=0, sigma=BLUR_SIGMA,
+             sanity_n=50, resamples=BOOTSTRAP):
+    """Every metric of every method on images (N, H, W, 3) in [0, 255]: {"methods": ..., "curve_x": ...}."""
+    names = list(names or METHODS)
+    methods = method_functions(names, seed)
+    images = np.asarray(images, dtype=np.float32)
+    probs = predict(model, images, batch_size)
+    targets = probs.argmax(axis=1)
+    y = probs[np.arange(len(images)), targets]
+    results, x = {}, None
+    for name in tqdm(names, desc="methods", unit="method"):
+        maps, seconds = explain_timed(methods[name], model, images, targets, layer, batch_size)
+        values, x, dele, ins = per_image_metrics(model, images, maps, targets, y, steps, batch_size, seed, sigma,
+                                                 desc=name)
+        values["ms_per_image"] = seconds * 1000
+        results[name] = {"label": LABELS[name], **summarise(values, seed, resamples),
+                         "deletion_curve": dele.mean(axis=0).round(5).tolist(),
+                         "insertion_curve": ins.mean(axis=0).round(5).tolist()}
+    groups = []
+    if sanity_n > 0:
+        sanity = sanity_check(model, images[:sanity_n], methods, targets[:sanity_n],
+                              layer, batch_size, seed)
+        for name, per_group in sanity.items():
+            groups = list(per_group)
+            results[name]["sanity_spearman"] = {g: float(v.mean()) for g, v in per_group.items()}
+            results[name]["sanity_spearman_ci"] = {g: bootstrap_ci(v, resamples, seed) for g, v in per_group.items()}
+    return {"methods": results, "curve_x": np.round(x, 5).tolist(), "sanity_layers": groups,
+            "sanity_images": int(min(sanity_n, len(images)))}
+
+
+# ---------------------------------------------------------------- reports
+
+def _cell(result, key, digits):
+    if key not in result:
+        return "–"
+    low, high = result.get(f"{key}_ci", (None, None))
+    value = f"{result[key]:.{digits}f}"
+    return value if low is None else f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _table(header, rows):
+    """A Markdown table with padded columns, readable as plain text too."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def markdown_report(results):
+    """The results as Markdown: the metrics table (with the Score-CAM paper's ImageNet/VGG16 numbers
+    as reference rows) and the sanity-check table, from the JSON that evaluate.py writes."""
+    methods, sample = results["methods"], results.get("sample", {})
+    digits = {"avg_drop": 1, "increase": 1, "deletion_auc": 3, "insertion_auc": 3, "ms_per_image": 2}
+    rows = [[m.get("label", name)] + [_cell(m, k, digits[k]) for k in METRICS] for name, m in methods.items()]
+    rows += [[f"*paper: {label}*"] + [_cell(ref, k, digits[k]) for k in METRICS] for label, ref in PAPER.items()]
+    what = (f"{sample.get('n', '?')} images of the {sample.get('dataset', '?')} {sample.get('split', '')} split, "
+            f"seed {sample.get('seed', '?')}, layer {sample.get('layer', '?')}; mean [95 % bootstrap CI]. "
+            "*paper*: Score-CAM (Wang et al. 2020) on ImageNet with VGG16, for reference only.")
+    out = [_table(["Method"] + list(METRICS.values()), rows), "", what]
+    layers = results.get("sanity_layers") or []
+    sane = [n for n in methods if "sanity_spearman" in methods[n]]
+    if layers and sane:
+        rows = [[f"down to {g}"] + [f"{methods[n]['sanity_spearman'][g]:.2f}" for n in sane] for g in layers]
+        out += ["", _table(["Randomised"] + [methods[n].get("label", n) for n in sane], rows), "",
+                f"Sanity check: mean Spearman correlation of trained vs randomised maps, "
+                f"{results.get('sanity_images', '?')} images (1 = unchanged by randomisation)."]
+    return "\n".join(out)
+
+
+def curves_figure(results, path):
+    """Mean deletion and insertion curves of each method, AUC in the legend."""
+    import matplotlib.pyplot as plt
+
+    from plots import save_figure
+
+    x = results["curve_x"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for name, m in results["methods"].items():
+            ax.plot(x, m[f"{kind}_curve"], label=f"{m.get('label', name)} ({m[f'{kind}_auc']:.3f})",
+                    linestyle="--" if name in ("random", "center") else "-")
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)")
+        ax.set_xlabel("fraction of pixels " + ("deleted" if kind == "deletion" else "inserted"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("target class probability (mean)")
+    s = results.get("sample", {})
+    fig.suptitle(f"{s.get('dataset', '')} {s.get('split', '')}, {s.get('n', '?')} images".strip())
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- command line
+
+def load_sample(args, model, class_names):
+    """(images float32, labels, description): a seeded sample of the CIFAR-10 test split or of the
+    image folder's validation split (the split train.py makes with the same seed)."""
+    if args.dataset == "cifar10":
+        from data.cifar10 import load_cifar10
+
+        # skip reading the 50,000 training images where data/cifar10.py can
+        skip_train = {"train": False} if "train" in inspect.signature(load_cifar10).parameters else {}
+        try:
+            _, (x, y), names = load_cifar10(args.data_dir, **skip_train)
+        except Exception as e:  # Keras's download raises a bare Exception when offline
+            if args.data_dir or isinstance(e, ValueError):
+                raise
+            raise ValueError(f"could not download CIFAR-10 ({e}); pass --data-dir") from None
+        split = "test"
+    else:
+        from data.folder import load_image_folder
+        from model import input_size
+
+        if not args.data_dir:
+            raise ValueError("--dataset folder needs --data-dir")
+        d = load_image_folder(args.data_dir, image_size=input_size(model), val_fraction=0.2, seed=args.split_seed)
+        x, y, names, split = d.x_val, d.y_val, d.class_names, "validation"
+    if len(names) != len(class_names):
+        raise ValueError(f"the data has {len(names)} classes, the model {len(class_names)}")
+    if x.shape[1:3] != tuple(model.input_shape[1:3]):
+        raise ValueError(f"the data's images are {x.shape[1]}x{x.shape[2]}, the model takes "
+                         f"{model.input_shape[1]}x{model.input_shape[2]}")
+    if len(x) == 0:
+        raise ValueError(f"the {split} split is empty")
+    n = min(args.n, len(x))
+    idx = np.sort(np.random.default_rng(args.seed).choice(len(x), n, replace=False))
+    description = {"dataset": args.dataset, "split": split, "data_dir": args.data_dir and str(args.data_dir),
+                   "n": int(n),
+                   "of": int(len(x)), "seed": args.seed, "sampling": "sorted(numpy.random.default_rng(seed)"
+                   ".choice(len(split), n, replace=False))", "classes_match_model": list(names) == list(class_names)}
+    return x[idx].astype(np.float32), y[idx], description
+
+
+def run(args):
+    from model import load_model
+
+    model, class_names, _ = load_model(args.model)
+    layer = conv_layer(model, args.layer).name
+    names = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    images, labels, sample = load_sample(args, model, class_names)
+    sample.update(model=str(args.model), layer=layer,
+                  accuracy=float((predict(model, images, args.batch_size).argmax(1) == labels).mean()))
+    print(f"{sample['n']} {sample['split']} images, model accuracy on them {sample['accuracy']:.3f}, layer {layer}",
+          file=sys.stderr)
+    results = evaluate(model, images, names, layer, args.steps, args.batch_size, args.seed, args.blur_sigma,
+                       args.sanity_n)
+    results = {"sample": sample, "settings": {
+        "steps": args.steps, "blur_sigma": args.blur_sigma, "batch_size": args.batch_size,
+        "bootstrap_resamples": BOOTSTRAP, "confidence": 0.95, "time_chunk": TIME_CHUNK,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, keras "
+                   f"{keras.__version__} ({keras.backend.backend()})"}, **results}
+    print(markdown_report(results))
+    if args.json:
+        write_text(args.json, json.dumps(results, ensure_ascii=False, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.figure:
+        curves_figure(results, args.figure)
+        print(f"wrote {args.figure}", file=sys.stderr)
+    return results
+
+
+def read_results(path):
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(results.get("methods"), dict):
+            raise KeyError("methods")
+        return results
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: not a results file of evaluate.py ({type(e).__name__})") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="a .keras model (default: %(default)s)")
+    p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
+    p.add_argument("--data-dir", help="cifar10: pickles or train/ test/ folders (default: Keras download); "
+                                      "folder: one subfolder per class")
+    p.add_argument("--split-seed", type=int, default=0, help="folder: train.py's --seed, to get its validation split")
+    p.add_argument("--n", type=int, default=1000, help="images in the sample (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample, tie-break, noise floor and bootstrap seed")
+    p.add_argument("--layer", help="conv layer to explain (default: the last)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--steps", type=int, default=STEPS, help="deletion/insertion steps (default %(default)s)")
+    p.add_argument("--blur-sigma", type=float, default=BLUR_SIGMA, help="insertion blur (default %(default)s px)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--sanity-n", type=int, default=50, help="images for the sanity check (0: skip it)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--figure", help="write the mean deletion/insertion curves here (PNG)")
+    p.add_argument("--markdown", metavar="RESULTS_JSON", help="only print the Markdown tables of a results file")
+    args = p.parse_args(argv)
+    for name in ("n", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # Score-CAM's per-call models warn of retracing
+    try:
+        if args.markdown:
+            results = read_results(args.markdown)
+            try:
+                print(markdown_report(results))
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ValueError(f"{args.markdown}: incomplete results file ({type(e).__name__}: {e})") from None
+        else:
+            run(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Regenerate every figure in md_image/ from the shipped models and the data.
+
+    python figures.py --cifar-dir DIR [--characters-dir FACES_DIR] [--skip-eval]
+
+--cifar-dir: CIFAR-10 as pickles or train/ test/ folders (default: Keras's download).
+--characters-dir: the face-crop folder the character model was trained on (its figures are
+skipped without it). Deterministic: the same models and data give the same figures.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
+import numpy as np
+
+from model import load_model
+from plots import confusion_matrix_figure, layer_grid_figure, learning_curves, overlay_grid, read_history
+from scorecam import CONV_TYPES, score_cam, score_cam_layers
+
+ROOT = Path(__file__).resolve().parent
+MODELS = ROOT / "models"
+
+
+def pick(n, count, seed):
+    """`count` fixed indices out of n, the same on every run."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
+    """The original experiment's figure for `count` fixed pictures: input + one heatmap per conv layer."""
+    layers = [layer.name for layer in model.layers if isinstance(layer, CONV_TYPES)]
+    idx = pick(len(images), count, seed)
+    x = images[idx].astype(np.float32)
+    maps = score_cam_layers(model, x, layers)
+    probs = maps.pop(None)
+    for j, i in enumerate(idx):
+        pred = int(probs[j].argmax())
+        title = f"{names[pred]} - {names[labels[i]]} : {probs[j, pred]:.2f}"
+        layer_grid_figure(images[i], {k: v[j] for k, v in maps.items()}, title, out / f"{prefix}_layers_{j + 1}.png")
+
+
+def right_and_wrong_grid(model, names, images, labels, path, seed=0):
+    """Last-conv-layer overlays of one correctly and one wrongly classified picture per class, side by side."""
+    probs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    pred = probs.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    chosen, titles = [], []
+    for c in range(len(names)):
+        for correct in (True, False):
+            pool = np.flatnonzero((labels == c) & ((pred == c) == correct))
+            i = int(rng.choice(pool)) if len(pool) else None
+            chosen.append(i)
+            titles.append("" if i is None else f"{'right' if correct else 'wrong'}: {names[pred[i]]} "
+                                               f"({probs[i, pred[i]]:.2f})\ntrue {names[c]}")
+    found = [i for i in chosen if i is not None]
+    maps = dict(zip(found, score_cam(model, images[found].astype(np.float32))))
+    overlay_grid([None if i is None else images[i] for i in chosen], [maps.get(i) for i in chosen], titles, path,
+                 columns=10, suptitle="Score-CAM, last conv layer: one right and one wrong prediction per class")
+
+
+def shipped(name):
+    """(model, class names, display names, history csv, results) of models/NAME.keras, or None if absent."""
+    path = MODELS / f"{name}.keras"
+    if not path.is_file():
+        print(f"skipping {name}: {path} not found", file=sys.stderr)
+        return None
+    model, names, display = load_model(path)
+    results_path = MODELS / f"{name}.results.json"
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+    return model, names, display, MODELS / f"{name}.history.csv", results
+
+
+def curves(history_csv, title, prefix, out):
+    if history_csv.is_file():
+        learning_curves(read_history(history_csv), out, title=title, prefix=prefix)
+
+
+def cifar_figures(data_dir, out):
+    from data.cifar10 import load_cifar10
+
+    found = shipped("cifar10")
+    if found is None:
+        return
+    model, names, _, history_csv, _ = found
+    _, (x_test, y_test), _ = load_cifar10(data_dir, train=False)
+    layer_figures(model, names, x_test, y_test, "cifar10", out)
+    right_and_wrong_grid(model, names, x_test, y_test, out / "cifar10_grid.png")
+    curves(history_csv, "CIFAR-10", "cifar10_", out)
+
+
+def character_figures(faces_dir, out):
+    from data.folder import load_image_folder
+
+    found = shipped("characters")
+    if found is None or faces_dir is None:
+        return
+    model, names, display, history_csv, results = found
+    data = load_image_folder(faces_dir, tuple(model.input_shape[1:3]), val_fraction=0.2, seed=0)
+    if data.class_names != names:
+        raise ValueError(f"{faces_dir} has classes {data.class_names[:3]}..., the model {names[:3]}...")
+    layer_figures(model, display, data.x_val, data.y_val, "characters", out)
+    curves(history_csv, "characters", "characters_", out)
+    if results and "confusion_matrix" in results:
+        acc = results["validation_accuracy"]
+        confusion_matrix_figure(np.array(results["confusion_matrix"]), display, out / "characters_confusion.png",
+                                title=f"validation accuracy {acc:.1%}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cifar-dir", help="CIFAR-10 pickles or train/ test/ folders (default: Keras download)")
+    p.add_argument("--characters-dir", help="face-crop folder of the character model (one subfolder per class)")
+    p.add_argument("--out", default=str(ROOT / "md_image"), help="figure folder (default: md_image/)")
+    p.add_argument("--skip-eval", action="store_true", help="skip the faithfulness evaluation (slowest part)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        cifar_figures(args.cifar_dir, out)
+        character_figures(args.characters_dir, out)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"figures written to {out}")
+
+
+if __name__ == "__main__":
+    main()
