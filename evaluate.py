@@ -31,7 +31,6 @@ Every value comes with a 95 % bootstrap interval over images (seeded, BOOTSTRAP 
 """
 import argparse
 import functools
-import inspect
 import json
 import logging
 import os
@@ -353,10 +352,8 @@ def load_sample(args, model, class_names):
     if args.dataset == "cifar10":
         from data.cifar10 import load_cifar10
 
-        # skip reading the 50,000 training images where data/cifar10.py can
-        skip_train = {"train": False} if "train" in inspect.signature(load_cifar10).parameters else {}
         try:
-            _, (x, y), names = load_cifar10(args.data_dir, **skip_train)
+            _, (x, y), names = load_cifar10(args.data_dir, train=False)
         except Exception as e:  # Keras's download raises a bare Exception when offline
             if args.data_dir or isinstance(e, ValueError):
                 raise

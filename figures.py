@@ -107,17 +107,34 @@ def character_figures(faces_dir, out):
                                 title=f"validation accuracy {acc:.1%}")
 
 
+def evaluation_figures(cifar_dir, faces_dir, out, n=1000):
+    """The faithfulness tables (JSON beside the figures) and mean deletion/insertion curves of both models."""
+    import evaluate
+
+    runs = [("cifar10", ["--dataset", "cifar10"] + (["--data-dir", str(cifar_dir)] if cifar_dir else []))]
+    if faces_dir:
+        runs.append(("characters", ["--dataset", "folder", "--data-dir", str(faces_dir)]))
+    for name, data_args in runs:
+        if (MODELS / f"{name}.keras").is_file():
+            evaluate.run(evaluate.parse_args([
+                "--model", str(MODELS / f"{name}.keras"), *data_args, "--n", str(n),
+                "--json", str(out / f"eval_{name}.json"), "--figure", str(out / f"eval_{name}.png")]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar-dir", help="CIFAR-10 pickles or train/ test/ folders (default: Keras download)")
     p.add_argument("--characters-dir", help="face-crop folder of the character model (one subfolder per class)")
     p.add_argument("--out", default=str(ROOT / "md_image"), help="figure folder (default: md_image/)")
     p.add_argument("--skip-eval", action="store_true", help="skip the faithfulness evaluation (slowest part)")
+    p.add_argument("--eval-n", type=int, default=1000, help="images per model in the evaluation (default %(default)s)")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
         cifar_figures(args.cifar_dir, out)
         character_figures(args.characters_dir, out)
+        if not args.skip_eval:
+            evaluation_figures(args.cifar_dir, args.characters_dir, out, args.eval_n)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"figures written to {out}")

@@ -24,7 +24,7 @@ def read_history(csv_path):
         rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
     epochs = sorted(rows)
     columns = [k for k in rows[epochs[0]] if k != "epoch"] if epochs else []
-    history = {k: np.array([float(rows[e][k]) for e in epochs]) for k in columns}
+    history = {k: np.array([float(rows[e].get(k) or "nan") for e in epochs]) for k in columns}
     history["epoch"] = np.array(epochs) + 1
     return history
 

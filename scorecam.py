@@ -2,22 +2,24 @@
 
     python scorecam.py                          # demo: the shipped CIFAR-10 model on scikit-image's cat
     python scorecam.py IMAGE [IMAGE ...] [--model models/cifar10.keras] [--layer NAME | --all-layers]
-                       [--class NAME_OR_INDEX] [--out PATH]
+                       [--class NAME_OR_INDEX] [--out PATH] [--max-n N] [--precision auto|float32|bfloat16]
+    python scorecam.py --folder DIR --out OUTDIR [--layer NAME] ...   # one overlay PNG per picture, streamed
 
 For each channel k of a conv layer's activation A, A_k is upsampled bilinearly to the input size,
 min-max normalised to a mask M_k, and weighted by the model's probability of the target class on
 x * M_k; the map is ReLU(sum_k w_k A_k) min-max normalised to [0, 1]. This follows the authors'
-reference code. All masked inputs of a chunk of images go through the network as large batches.
+reference code. Masks are built inside one compiled graph with the forward pass, and the masked
+inputs of consecutive images share full batches (see "the compiled core" below; bench.py measures it).
 """
 import argparse
-import os
+import collections
 import sys
 from pathlib import Path
 
-import cv2  # noqa: E402
-import runtime  # noqa: E402,F401  (before keras: quiet TensorFlow start-up)
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
+import keras
+import numpy as np
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cifar10.keras"
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
@@ -92,59 +94,351 @@ def select_channels(activations, max_n):
     return np.argsort(-std, axis=1, kind="stable")[:, :max_n]
 
 
+# ---------------------------------------------------------------- the compiled core
+#
+# Score-CAM costs one forward pass per (image, channel) pair plus one activation pass per image; the
+# fast path keeps the network busy with full batches of masked images and does the rest in the graph:
+#   1. the activation model runs once per chunk of images (a compiled Keras predict step);
+#   2. the (image, channel) pairs whose channel varies are queued, across chunks and input batches,
+#      and consumed `batch_size` at a time by MaskedScores, one compiled graph that upsamples each
+#      pair's low-resolution channel, min-max normalises it, masks its image, runs the network and
+#      picks the target probability; only the low-resolution channel, the few distinct images and
+#      two int32 indices cross from the host, never a batch of masks;
+#   3. a chunk's map is ReLU(upsample(sum_k w_k A_k)) (bilinear resizing is linear, so summing at the
+#      layer's resolution first is the same map), min-max normalised.
+# Everything is keras.ops, so the graph runs wherever the backend puts it (the GPU when there is one).
+# Only full batches run until the input ends; the tail is cut into power-of-two batches (padded to at
+# least 16), so a compiler that specialises on shapes (XLA, JAX) compiles a handful of programs.
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+# What "auto" means. bfloat16 is used only where it was measured both faster than float32 and in
+# agreement with it (bench.py measures both). On the 2-core Xeon (avx512_bf16, no AMX) it was
+# slower than float32, and no GPU has been measured yet, so "auto" is float32 everywhere for now.
+AUTO_PRECISION = "float32"
+_TAIL_MIN = 16
+_CACHE_MODELS = 4
+_cache = collections.OrderedDict()  # id(model) -> (model, {key: derived model}), the most recent few
+
+
+def _derived(model, key, build):
+    """A model derived from `model` (activation model, compiled masked-scores graph, bfloat16 copy),
+    built once and reused so that each is traced/compiled once, not on every call."""
+    entry = _cache.get(id(model))
+    if entry is None or entry[0] is not model:
+        entry = _cache[id(model)] = (model, {})
+    _cache.move_to_end(id(model))
+    while len(_cache) > _CACHE_MODELS:
+        _cache.popitem(last=False)
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
+
+
+class MaskedScores(keras.Model):
+    """One compiled step of Score-CAM: for P (image, channel) pairs, the probability of the target
+    class on image * mask, the mask being the pair's channel upsampled bilinearly to the input size
+    and min-max normalised; 0 for a constant channel (the reference skips those).
+
+    Inputs: images (U, H, W, 3) float32, the distinct images of the pairs; acts (P, h, w) float32,
+    each pair's channel at the layer's resolution; index (P,) int32, the pair's row in images;
+    target (P,) int32, the class to score. Output: (P,) float32.
+    """
+
+    def __init__(self, net, size, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.size = tuple(int(s) for s in size)
+
+    def call(self, inputs):
+        ops = keras.ops
+        images, acts, index, target = inputs
+        up = ops.image.resize(ops.expand_dims(acts, -1), self.size, interpolation="bilinear")
+        low = ops.min(up, axis=(1, 2, 3), keepdims=True)
+        span = ops.max(up, axis=(1, 2, 3), keepdims=True) - low
+        varies = span > 0
+        masks = ops.where(varies, (up - low) / ops.where(varies, span, ops.ones_like(span)), ops.zeros_like(up))
+        probs = ops.cast(self.net(ops.take(images, index, axis=0) * masks, training=False), "float32")
+        scores = ops.take_along_axis(probs, ops.expand_dims(target, -1), axis=1)[:, 0]
+        return ops.where(ops.reshape(varies, (-1,)), scores, ops.zeros_like(scores))
+
+
+def resolve_precision(precision):
+    """'float32' or 'bfloat16' for a precision option ('auto' is AUTO_PRECISION)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return AUTO_PRECISION if precision == "auto" else precision
+
+
+def bfloat16_copy(model):
+    """A copy of `model` computing in bfloat16 (Keras "mixed_bfloat16": float32 weights, bfloat16
+    maths) except its output layers, which keep their dtype so probabilities stay float32. The
+    user's model is never changed; the copy is cached, and its weights re-synced on every call."""
+    def build():
+        keep = set()
+        for tensor in model.outputs:
+            history = getattr(tensor, "_keras_history", None)
+            keep.add(history.operation.name if history else model.layers[-1].name)
+
+        def clone(layer):
+            config = layer.get_config()
+            if layer.name not in keep and "dtype" in config:
+                config["dtype"] = "mixed_bfloat16"
+            return layer.__class__.from_config(config)
+
+        try:
+            return keras.models.clone_model(model, clone_function=clone, recursive=True)
+        except Exception as e:  # subclassed models cannot be rebuilt from their config
+            raise ValueError(f"precision='bfloat16' needs a Functional or Sequential model "
+                             f"({type(e).__name__}: {e})") from None
+
+    copy = _derived(model, "bfloat16", build)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _forward_model(model, precision):
+    return bfloat16_copy(model) if resolve_precision(precision) == "bfloat16" else model
+
+
+def _tail_sizes(count, batch_size):
+    """(pairs taken, batch size run) for `count` leftover pairs: power-of-two batches, the last one
+    padded up to _TAIL_MIN, so shape-specialising compilers see few distinct shapes."""
+    sizes = []
+    while count > 0:
+        if count >= batch_size:
+            sizes.append((batch_size, batch_size))
+        elif count >= _TAIL_MIN:
+            sizes.append((1 << (count.bit_length() - 1),) * 2)
+        else:
+            sizes.append((count, min(_TAIL_MIN, batch_size)))
+        count -= sizes[-1][0]
+    return sizes
+
+
+class _Chunk:
+    """Images explained together: their activations, targets and weights until every pair is scored."""
+
+    def __init__(self, part, start, x, acts, targets, channels):
+        self.part, self.start, self.x, self.acts, self.targets = part, start, x, acts, targets
+        self.weights = {name: np.zeros((len(x), a.shape[-1]), dtype=np.float32) for name, a in acts.items()}
+        self.pairs = {}
+        for name, a in acts.items():
+            flat = a.reshape(len(a), -1, a.shape[-1])
+            chosen = flat.max(axis=1) > flat.min(axis=1)  # constant channels get weight 0
+            if channels is not None:
+                keep = np.zeros_like(chosen)
+                np.put_along_axis(keep, channels(a), True, axis=1)
+                chosen &= keep
+            self.pairs[name] = np.nonzero(chosen)  # image-major order
+        self.left = sum(len(img) for img, _ in self.pairs.values())
+
+
+class _Part:
+    """One input batch: its output arrays, and how many of its chunks are still being scored."""
+
+    def __init__(self, names, n, size, num_classes):
+        self.maps = {name: np.zeros((n,) + size, dtype=np.float32) for name in names}
+        self.maps[None] = np.zeros((n, num_classes), dtype=np.float32)
+        self.chunks_left = 0
+        self.queued = False  # every chunk handed to the scorer
+
+
+class _Explainer:
+    """Streams (images, class_index) parts through the activation model and the masked-scores graph."""
+
+    def __init__(self, model, layers, batch_size, max_n, precision, chunk=None):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.net = _forward_model(model, precision)
+        self.names = [conv_layer(model, name).name for name in (layers if layers is not None else [None])]
+        self.names = list(dict.fromkeys(self.names))
+        self.size = tuple(model.input_shape[1:3])
+        self.num_classes = model.output_shape[-1]
+        self.batch_size = int(batch_size)
+        self.max_n = max_n if max_n and max_n > 0 else None
+        self.acts_model = _derived(self.net, ("activations", tuple(self.names)),
+                                   lambda: activation_model(self.net, self.names))
+        self.scorer = _derived(self.net, ("masked_scores", self.size), lambda: MaskedScores(self.net, self.size))
+        per_image = max(int(self.net.get_layer(n).output.shape[-1]) for n in self.names)
+        per_image = min(per_image, self.max_n or per_image)
+        self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // per_image)
+        self.queue = {name: collections.deque() for name in self.names}  # [chunk, img, ch, position]
+        self.pending = {name: 0 for name in self.names}
+        self.parts = collections.deque()
+
+    def explain(self, parts):
+        """Yield {layer: maps (n, H, W), None: probabilities (n, C)} for each (images, class_index)."""
+        for images, class_index in parts:
+            images = _check_images(self.net, images)
+            part = _Part(self.names, len(images), self.size, self.num_classes)
+            self.parts.append(part)
+            for start in range(0, len(images), self.chunk):
+                classes = class_index if np.ndim(class_index) == 0 else \
+                    np.asarray(class_index)[start:start + self.chunk]
+                self._add_chunk(part, start, images[start:start + self.chunk], classes)
+                for name in self.names:
+                    while self.pending[name] >= self.batch_size:
+                        self._score(name, self.batch_size, self.batch_size)
+            part.queued = True
+            yield from self._finished()
+        for name in self.names:
+            for take, run in _tail_sizes(self.pending[name], self.batch_size):
+                self._score(name, take, run)
+        yield from self._finished()
+
+    def _finished(self):
+        while self.parts and self.parts[0].queued and self.parts[0].chunks_left == 0:
+            yield self.parts.popleft().maps
+
+    def _add_chunk(self, part, start, x, classes):
+        *acts, probs = self.acts_model.predict_on_batch(x)
+        probs = np.asarray(probs, dtype=np.float32)
+        targets = _targets(classes, probs)
+        part.maps[None][start:start + len(x)] = probs
+        acts = {name: np.asarray(a, dtype=np.float32) for name, a in zip(self.names, acts)}
+        channels = (lambda a: select_channels(a, self.max_n)) if self.max_n else None
+        chunk = _Chunk(part, start, x, acts, targets.astype(np.int32), channels)
+        part.chunks_left += 1
+        if chunk.left == 0:
+            self._finish(chunk)
+        for name, (img, ch) in chunk.pairs.items():
+            if len(img):
+                self.queue[name].append([chunk, img, ch, 0])
+                self.pending[name] += len(img)
+
+    def _score(self, name, take, run):
+        """Score the next `take` queued pairs of layer `name` in one batch of `run` >= take."""
+        pieces, need, queue = [], take, self.queue[name]
+        while need:
+            entry = queue[0]
+            chunk, img, ch, pos = entry
+            n = min(need, len(img) - pos)
+            pieces.append((chunk, img[pos:pos + n], ch[pos:pos + n]))
+            entry[3] += n
+            need -= n
+            if entry[3] == len(img):
+                queue.popleft()
+        self.pending[name] -= take
+        images, acts, index, target, rows = [], [], [], [], 0
+        for chunk, img, ch in pieces:
+            lo, hi = int(img[0]), int(img[-1]) + 1
+            images.append(chunk.x[lo:hi])
+            index.append(img - lo + rows)
+            rows += hi - lo
+            acts.append(chunk.acts[name][img, :, :, ch])
+            target.append(chunk.targets[img])
+        distinct = 1 << (rows - 1).bit_length()  # padded to a power of two: few distinct shapes
+        x = np.zeros((distinct,) + images[0].shape[1:], dtype=np.float32)
+        np.concatenate(images, out=x[:rows])
+        a = np.zeros((run,) + acts[0].shape[1:], dtype=np.float32)
+        np.concatenate(acts, out=a[:take])
+        idx, tgt = np.zeros(run, dtype=np.int32), np.zeros(run, dtype=np.int32)
+        np.concatenate(index, out=idx[:take], casting="unsafe")
+        np.concatenate(target, out=tgt[:take])
+        scores = np.asarray(self.scorer.predict_on_batch((x, a, idx, tgt)), dtype=np.float32)[:take]
+        done = 0
+        for chunk, img, ch in pieces:
+            chunk.weights[name][img, ch] = scores[done:done + len(img)]
+            done += len(img)
+            chunk.left -= len(img)
+            if chunk.left == 0:
+                self._finish(chunk)
+
+    def _finish(self, chunk):
+        """The chunk's maps, from its weights; frees its activations."""
+        part, rows = chunk.part, slice(chunk.start, chunk.start + len(chunk.x))
+        for name, a in chunk.acts.items():
+            low_res = np.einsum("nhwk,nk->nhw", a, chunk.weights[name])
+            part.maps[name][rows] = normalise_maps(np.maximum(upsample(low_res[..., None], self.size)[..., 0], 0))
+        chunk.acts = chunk.x = None
+        part.chunks_left -= 1
+
+
 def channel_weights(model, images, upsampled, targets, batch_size, channels=None):
     """w[i, k]: probability of class targets[i] for images[i] * mask_k, masks made from `upsampled`
-    (N, H, W, K) chunk by chunk; constant channels get weight 0 and are never sent through the net."""
+    (N, H, W, K); constant channels get weight 0 and are never sent through the net. (score_cam
+    passes the layer's low-resolution activations instead; this is the same graph at full size.)"""
+    images = _check_images(model, images)
     n, _, _, k = upsampled.shape
-    chosen = np.broadcast_to(np.arange(k), (n, k)) if channels is None else channels
-    low = upsampled.min(axis=(1, 2))
-    span = upsampled.max(axis=(1, 2)) - low
-    pairs = [(i, c) for i in range(n) for c in chosen[i] if span[i, c] > 0]
+    chosen = np.asarray(upsampled).reshape(n, -1, k)
+    chosen = chosen.max(axis=1) > chosen.min(axis=1)
+    if channels is not None:
+        keep = np.zeros_like(chosen)
+        np.put_along_axis(keep, np.asarray(channels), True, axis=1)
+        chosen &= keep
+    img, ch = np.nonzero(chosen)
+    scorer = _derived(model, ("masked_scores", tuple(model.input_shape[1:3])),
+                      lambda: MaskedScores(model, model.input_shape[1:3]))
     weights = np.zeros((n, k), dtype=np.float32)
-    for start in range(0, len(pairs), batch_size):
-        img, ch = np.array(pairs[start:start + batch_size]).T
-        masks = (upsampled[img, :, :, ch] - low[img, ch, None, None]) / span[img, ch, None, None]
-        probs = np.asarray(model.predict_on_batch(images[img] * masks[..., None]))
-        weights[img, ch] = probs[np.arange(len(img)), targets[img]]
+    targets = np.asarray(targets, dtype=np.int32)
+    for start in range(0, len(img), batch_size):
+        i, c = img[start:start + batch_size], ch[start:start + batch_size]
+        a = np.asarray(upsampled[i, :, :, c], dtype=np.float32)
+        weights[i, c] = scorer.predict_on_batch((images, a, i.astype(np.int32), targets[i]))
     return weights
 
 
-def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None):
+def _parts(batches, class_index):
+    """(images, class_index) for each item of `batches`: an array of images, or a tuple (images,
+    labels) such as a labelled tf.data dataset yields, whose labels are the classes when
+    class_index == "labels" (and are otherwise ignored)."""
+    for item in batches:
+        if isinstance(item, (tuple, list)) and len(item) == 2 and np.ndim(item[0]) == 4:
+            images, labels = item
+        else:
+            images, labels = item, None
+        if isinstance(class_index, str) and class_index == "labels":
+            if labels is None:
+                raise ValueError('class_index="labels" needs (images, labels) batches')
+            yield images, np.asarray(labels).reshape(-1)
+        else:
+            yield images, class_index
+
+
+def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=256, max_n=None,
+                     precision="auto", layers=None):
+    """Score-CAM over any iterable of image batches (a generator, a list, a tf.data dataset's
+    .as_numpy_iterator()): an iterator giving, for each batch in order, its maps (n, H, W) float32
+    in [0, 1] - or, when `layers` is given, {layer: maps, None: probabilities} as score_cam_layers.
+
+    The maps are score_cam's on each batch, whatever the batch sizes, but the masked images of
+    consecutive batches share forward passes, so small batches cost no more than large ones. A
+    batch comes out once its last masked images have been through the network, i.e. up to about
+    batch_size / K pictures after it. Memory holds the batches in flight and a few chunks, however
+    long the stream. class_index: None (each image's predicted class), an int, or "labels" for
+    (images, labels) batches. precision: "auto", "float32" or "bfloat16". Arguments are checked here,
+    before the first batch is read.
+    """
+    explainer = _Explainer(model, layers if layers is not None else [layer], batch_size, max_n, precision)
+    if isinstance(class_index, str) and class_index != "labels":
+        raise ValueError(f'class_index must be None, an int or "labels", got {class_index!r}')
+    maps = explainer.explain(_parts(batches, class_index))
+    return maps if layers is not None else (m[explainer.names[0]] for m in maps)
+
+
+def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None,
+                     precision="auto"):
     """Score-CAM maps of several conv layers from one activation pass: {layer: (N, H, W) float32 in [0, 1]}.
 
     Also returns the predicted probabilities (N, C) as the key None. Images go in chunks so memory
     stays bounded whatever N is.
     """
+    explainer = _Explainer(model, layers, batch_size, max_n, precision, chunk)
     images = _check_images(model, images)
-    names = [conv_layer(model, name).name for name in (layers if layers is not None else [None])]
-    acts_model = activation_model(model, names)
-    size = tuple(model.input_shape[1:3])
-    chunk = chunk or max(1, 4 * batch_size // 64)
-    out = {name: np.zeros((len(images),) + size, dtype=np.float32) for name in names}
-    out[None] = np.zeros((len(images), model.output_shape[-1]), dtype=np.float32)
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk]
-        *acts, probs = [np.asarray(a, dtype=np.float32) for a in acts_model.predict_on_batch(x)]
-        targets = _targets(class_index if np.ndim(class_index) == 0 else
-                           np.asarray(class_index)[start:start + chunk], probs)
-        out[None][start:start + len(x)] = probs
-        for name, a in zip(names, acts):
-            up = upsample(a, size)
-            channels = select_channels(a, max_n) if max_n else None
-            w = channel_weights(model, x, up, targets, batch_size, channels)
-            cam = np.maximum(np.einsum("nhwk,nk->nhw", up, w), 0)
-            out[name][start:start + len(x)] = normalise_maps(cam)
-    return out
+    if np.ndim(class_index) and len(class_index) != len(images):  # the same message as one-shot _targets
+        raise ValueError(f"class_index must be an int or {len(images)} ints, got {len(class_index)}")
+    return next(iter(explainer.explain([(images, class_index)])))
 
 
-def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None):
+def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None, precision="auto"):
     """Score-CAM maps (N, H, W) float32 in [0, 1] for images (N, H, W, 3) with pixels in [0, 255].
 
     layer: conv layer name (None: the last conv layer). class_index: None explains each image's
     predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM, only the max_n
-    channels of largest spatial standard deviation.
+    channels of largest spatial standard deviation. precision: "float32", "bfloat16" (a bfloat16
+    copy of the model does the forward passes) or "auto" (AUTO_PRECISION).
     """
-    maps = score_cam_layers(model, images, [layer], class_index, batch_size, max_n)
+    maps = score_cam_layers(model, images, [layer], class_index, batch_size, max_n, precision=precision)
     return next(v for k, v in maps.items() if k is not None)
 
 
@@ -195,7 +489,7 @@ def explain_file(model, names, display, image, source, args):
     x = resize(image, tuple(model.input_shape[1:3]))[None].astype(np.float32)
     target = parse_class(args.class_name, names)
     layers = [c.name for c in model.layers if isinstance(c, CONV_TYPES)] if args.all_layers else [args.layer]
-    maps = score_cam_layers(model, x, layers, target, args.batch_size, args.max_n)
+    maps = score_cam_layers(model, x, layers, target, args.batch_size, args.max_n, precision=args.precision)
     probs = maps.pop(None)[0]
     pred = int(probs.argmax())
     parent = Path(source).parent.name
@@ -214,9 +508,77 @@ def explain_file(model, names, display, image, source, args):
     return path
 
 
+def _folder_files(folder, out):
+    """Every non-hidden file under `folder` (sorted, recursive), leaving out anything under `out`,
+    each with the overlay path it gets: OUT/<same subfolders>/<stem>_scorecam.png."""
+    out = out.resolve()
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.resolve() == out or out in path.resolve().parents:
+            continue  # earlier outputs written inside the folder are not inputs
+        files.append(path)
+    stems = collections.Counter((p.parent, p.stem) for p in files)
+    dest = {}
+    for path in files:  # a.jpg and a.png side by side: keep both, named after the whole file name
+        stem = path.stem if stems[(path.parent, path.stem)] == 1 else path.name.replace(".", "_")
+        dest[path] = out / path.relative_to(folder).parent / f"{stem}_scorecam.png"
+    return files, dest
+
+
+def explain_folder(model, names, args):
+    """One overlay PNG per picture under args.folder, streamed: pictures are read, explained and
+    written a batch at a time. Returns (written, skipped), skipped being the unreadable files' errors."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from atomic import atomic_path
+    from data.images import ImageError, read_image, resize
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder not found: {folder}")
+    files, dest = _folder_files(folder, Path(args.out))
+    target = parse_class(args.class_name, names)
+    size = tuple(model.input_shape[1:3])
+    skipped, in_flight = [], collections.deque()
+    bar = tqdm(total=len(files), desc="Score-CAM", unit="img", mininterval=1)
+
+    def batches():
+        paths, pictures = [], []
+        for n, path in enumerate(files, 1):
+            try:
+                pictures.append(read_image(path))
+                paths.append(path)
+            except ImageError as e:
+                skipped.append(str(e))
+                bar.update(1)
+            if paths and (len(paths) == args.read_batch or n == len(files)):
+                in_flight.append((paths, pictures))  # the originals of the batches in flight, no more
+                yield np.stack([resize(p, size) for p in pictures]).astype(np.float32)
+                paths, pictures = [], []
+
+    written = 0
+    try:
+        for maps in score_cam_stream(model, batches(), args.layer, target, args.batch_size, args.max_n,
+                                     args.precision):
+            for path, picture, cam in zip(*in_flight.popleft(), maps):
+                with atomic_path(dest[path]) as tmp:
+                    Image.fromarray(overlay(picture, cam)).save(tmp, format="PNG")
+                written += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return written, skipped
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (none: scikit-image's cat, a demo)")
+    p.add_argument("--folder", metavar="DIR", help="explain every picture under DIR (recursively): one overlay "
+                   "PNG each in --out, same subfolders; unreadable files are skipped and counted")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="a .keras model (default: the shipped CIFAR-10 one)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layer", help="conv layer to explain (default: the last one)")
@@ -225,7 +587,14 @@ def main(argv=None):
     p.add_argument("--out", default="out", help="output PNG (one image) or folder (default: %(default)s/)")
     p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass")
     p.add_argument("--max-n", type=int, help="Faster-Score-CAM: use only the N most varying channels")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help=f"forward passes in float32 or bfloat16 (default: %(default)s = {AUTO_PRECISION})")
+    p.add_argument("--read-batch", type=int, default=16, help="--folder: pictures read and explained together")
     args = p.parse_args(argv)
+    if args.folder and (args.images or args.all_layers):
+        p.error("--folder takes no IMAGE arguments and no --all-layers")
+    if args.batch_size < 1 or args.read_batch < 1:
+        p.error("--batch-size and --read-batch must be at least 1")
     args.many = len(args.images) > 1
     from data.images import ImageError, read_image
     from model import load_model
@@ -236,6 +605,15 @@ def main(argv=None):
         conv_layer(model, args.layer)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if args.folder:
+        try:
+            written, skipped = explain_folder(model, names, args)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        for message in skipped:
+            print(f"skipped: {message}", file=sys.stderr)
+        print(f"{args.folder}: wrote {written} overlay(s) to {args.out}; skipped {len(skipped)} unreadable file(s)")
+        sys.exit(1 if skipped else 0)
     failed = 0
     sources = args.images or [None]
     for source in sources:

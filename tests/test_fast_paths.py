@@ -1,0 +1,182 @@
+"""Every fast path of Score-CAM gives the plain path's maps: the naive per-image loop (bench.py),
+streaming, chunk and batch sizes, Faster-Score-CAM, the bfloat16 copy, and the --folder CLI."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import runtime  # noqa: F401
+import keras
+
+import scorecam
+from bench import naive_score_cam, pearson
+from conftest import run_cli, write_image
+from scorecam import score_cam, score_cam_layers, score_cam_stream
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random classifier (16x16, two 8-channel conv layers, 5 classes) and 7 images."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(5, name="logits")(x)
+    model = keras.Model(inp, keras.layers.Activation("softmax", dtype="float32", name="predictions")(x))
+    images = np.random.default_rng(5).uniform(0, 255, (7, 16, 16, 3)).astype(np.float32)
+    images[3] = 0  # a black image: every channel constant, an all-zero map
+    return model, images
+
+
+def test_naive_reference_equals_score_cam(small):
+    model, images = small
+    for layer, max_n in (("conv2", None), ("conv1", None), ("conv2", 3)):
+        fast = score_cam(model, images[:3], layer=layer, max_n=max_n)
+        for i in range(3):
+            cam, _ = naive_score_cam(model, images[i], layer, max_n=max_n)
+            np.testing.assert_allclose(fast[i], cam, atol=1e-5)
+
+
+def test_stream_of_uneven_batches_equals_one_shot(small):
+    model, images = small
+    one_shot = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=10)
+    sizes = [2, 0, 1, 4]
+    batches = (images[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes)))
+    streamed = list(score_cam_stream(model, batches, layers=["conv1", "conv2"], batch_size=10))
+    assert [len(m[None]) for m in streamed] == sizes
+    for key in ("conv1", "conv2", None):
+        np.testing.assert_allclose(np.concatenate([m[key] for m in streamed]), one_shot[key], atol=1e-5)
+    single = list(score_cam_stream(model, iter([images[:3], images[3:]]), layer="conv2", max_n=4))
+    np.testing.assert_allclose(np.concatenate(single), score_cam(model, images, layer="conv2", max_n=4), atol=1e-5)
+
+
+def test_stream_of_a_labelled_dataset_explains_the_labels(small):
+    import tensorflow as tf
+
+    model, images = small
+    labels = np.array([0, 1, 2, 3, 4, 0, 1])
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(3)
+    maps = list(score_cam_stream(model, dataset.as_numpy_iterator(), class_index="labels"))
+    np.testing.assert_allclose(np.concatenate(maps), score_cam(model, images, class_index=labels), atol=1e-5)
+    with pytest.raises(ValueError, match="needs \\(images, labels\\) batches"):
+        list(score_cam_stream(model, [images], class_index="labels"))
+
+
+@pytest.mark.parametrize("batch_size,chunk", [(1, 1), (3, 2), (5, 7), (16, 3), (1000, None)])
+def test_chunk_and_batch_sizes_do_not_change_the_maps(small, batch_size, chunk):
+    model, images = small
+    plain = score_cam_layers(model, images, ["conv1", "conv2"], class_index=[0, 1, 2, 3, 4, 0, 1])
+    other = score_cam_layers(model, images, ["conv1", "conv2"], class_index=[0, 1, 2, 3, 4, 0, 1],
+                             batch_size=batch_size, chunk=chunk)
+    for key in plain:
+        np.testing.assert_allclose(other[key], plain[key], atol=1e-5)
+    assert (plain["conv2"][3] == 0).all()  # the black image
+
+
+def test_faster_score_cam_scores_only_max_n_pairs_per_image(small, monkeypatch):
+    model, images = small
+    scored = []
+    original = scorecam.MaskedScores.predict_on_batch
+
+    def counting(self, inputs):  # masked images really scored: pairs whose channel varies
+        scored.append(int((np.ptp(inputs[1].reshape(len(inputs[1]), -1), axis=1) > 0).sum()))
+        return original(self, inputs)
+
+    monkeypatch.setattr(scorecam.MaskedScores, "predict_on_batch", counting)
+    score_cam(model, images, layer="conv2", max_n=3)
+    assert sum(scored) == 3 * 6  # 3 channels of each image but the black one (no varying channel)
+    every = score_cam(model, images, layer="conv2")
+    np.testing.assert_allclose(score_cam(model, images, layer="conv2", max_n=8), every, atol=1e-6)  # K = 8
+
+
+def test_tail_batches_cover_the_pairs_with_few_shapes():
+    for batch_size in (1, 7, 16, 256):
+        for count in (0, 1, 15, 16, 17, 100, 255, 256, 1000):
+            sizes = scorecam._tail_sizes(count, batch_size)
+            assert sum(take for take, _ in sizes) == count
+            assert all(1 <= take <= run <= batch_size for take, run in sizes)
+            assert all(run in (batch_size, min(16, batch_size)) or run & (run - 1) == 0 for _, run in sizes)
+
+
+def test_channel_weights_keeps_its_meaning(small):
+    model, images = small
+    acts = scorecam.activation_model(model, ["conv2"]).predict_on_batch(images[:2])[0]
+    up = scorecam.upsample(acts, (16, 16))
+    w = scorecam.channel_weights(model, images[:2], up, np.array([1, 2]), batch_size=5)
+    for i, target in enumerate([1, 2]):
+        for k in range(up.shape[-1]):
+            a = up[i, ..., k]
+            if a.max() == a.min():  # a constant channel: weight 0, never sent through the net
+                assert w[i, k] == 0
+                continue
+            mask = (a - a.min()) / (a.max() - a.min())
+            expected = model.predict_on_batch(images[i:i + 1] * mask[None, ..., None])[0, target]
+            assert w[i, k] == pytest.approx(expected, abs=1e-5)
+
+
+def test_bfloat16_copy_agrees_and_leaves_the_model_alone(small):
+    model, images = small
+    policies = [layer.dtype_policy.name for layer in model.layers]
+    fp32 = score_cam_layers(model, images, ["conv2"])
+    bf16 = score_cam_layers(model, images, ["conv2"], precision="bfloat16")
+    assert [layer.dtype_policy.name for layer in model.layers] == policies
+    assert pearson(bf16["conv2"], fp32["conv2"]).min() >= 0.99
+    assert (bf16[None].argmax(axis=1) == fp32[None].argmax(axis=1)).all()
+    copy = scorecam.bfloat16_copy(model)
+    assert copy is scorecam.bfloat16_copy(model)  # built once
+    assert copy.get_layer("conv1").dtype_policy.name == "mixed_bfloat16"
+    assert copy.get_layer("predictions").dtype_policy.name == "float32"
+    np.testing.assert_array_equal(score_cam(model, images, precision="auto"), score_cam(model, images))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        score_cam(model, images, precision="float16")
+
+
+def test_bfloat16_copy_follows_weight_changes(small):
+    model, _ = small
+    scorecam.bfloat16_copy(model)
+    saved = model.get_weights()
+    try:
+        model.set_weights([w * 0.5 for w in saved])
+        copy = scorecam.bfloat16_copy(model)
+        np.testing.assert_allclose(copy.get_layer("logits").get_weights()[0], saved[-2] * 0.5)
+    finally:
+        model.set_weights(saved)
+
+
+def test_bfloat16_on_the_known_answer_model():
+    from test_scorecam import colour_model, red_square
+
+    model, x = colour_model(), red_square(top=2, left=3)
+    cam = score_cam(model, x, layer="conv", precision="bfloat16")
+    expected = np.zeros((8, 8))
+    expected[2:6, 3:7] = 1
+    np.testing.assert_allclose(cam[0], expected, atol=1e-2)
+
+
+def test_folder_cli_streams_pictures_and_counts_unreadable_files(tmp_path, tiny_model_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pictures"
+    for name in ("a.png", "b.jpg", "sub/c.png", "sub/a.png", "sub/a.jpg"):
+        write_image(folder / name, rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / ".hidden.png").write_bytes(b"")
+    out = tmp_path / "out"
+    r = run_cli("scorecam.py", "--folder", folder, "--out", out, "--model", tiny_model_path, "--read-batch", "2",
+                "--max-n", "4")
+    assert r.returncode == 1, r.stderr  # not every file gave an overlay
+    assert "wrote 5 overlay(s)" in r.stdout and "skipped 2 unreadable file(s)" in r.stdout
+    assert "skipped: " in r.stderr and "broken.jpg" in r.stderr and "notes.txt" in r.stderr
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a_scorecam.png", "b_scorecam.png", "sub/a_jpg_scorecam.png", "sub/a_png_scorecam.png",
+                       "sub/c_scorecam.png"]  # no temporary file left behind
+    assert Image.open(out / "b_scorecam.png").size == (50, 40)  # the overlay is at the picture's size
+    clean = tmp_path / "clean"
+    write_image(clean / "x.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    r = run_cli("scorecam.py", "--folder", clean, "--out", clean / "out", "--model", tiny_model_path,
+                "--max-n", "2")
+    assert r.returncode == 0 and (clean / "out" / "x_scorecam.png").is_file()
+    r = run_cli("scorecam.py", "--folder", clean, "--out", clean / "out", "--model", tiny_model_path, "--max-n", "2")
+    assert "wrote 1 overlay(s)" in r.stdout  # earlier outputs inside the folder are not inputs
