@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from scorecam import _check_images, _targets, conv_layer, normalise_maps, upsample
+from scorecam import check_images, target_classes, conv_layer, normalise_maps, upsample
 
 CENTER_SIGMA = 0.25  # the centre floor's Gaussian sigma, as a fraction of the shorter image side
 
@@ -44,7 +44,7 @@ def _batch_gradients(grad_model, x, class_index):
         tape.watch(x)  # record every op from the input, even in a model with frozen layers
         acts, scores = grad_model(x, training=False)
         scores = tf.cast(scores, tf.float32)
-        targets = _targets(class_index, scores.numpy())  # argmax of the scores = argmax of the softmax
+        targets = target_classes(class_index, scores.numpy())  # argmax of the scores = argmax of the softmax
         picked = tf.reduce_sum(scores * tf.one_hot(targets, scores.shape[-1]))
     grads = tape.gradient(picked, acts, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return np.asarray(acts, dtype=np.float64), np.asarray(grads, dtype=np.float64)
@@ -52,7 +52,7 @@ def _batch_gradients(grad_model, x, class_index):
 
 def _gradient_cam(model, images, weigh, layer, class_index, batch_size):
     """ReLU(sum_k w_k A_k) with w = weigh(A, dS/dA), batch by batch, upsampled bilinearly and normalised."""
-    images = _check_images(model, images)
+    images = check_images(model, images)
     _check_class_index(class_index, len(images))
     grad_model = keras.Model(model.inputs, [conv_layer(model, layer).output, class_scores(model)])
     cams = []
@@ -101,7 +101,7 @@ def random_map(model, images, layer=None, class_index=None, batch_size=64, seed=
     The noise is seeded by (seed, the image's bytes): an image gets the same map however the images
     are batched, and the model's weights are never used.
     """
-    images = _check_images(model, images)
+    images = check_images(model, images)
     size = tuple(model.input_shape[1:3])
     h, w = conv_layer(model, layer).output.shape[1:3]
     h, w = (h, w) if h and w else size
@@ -113,7 +113,7 @@ def random_map(model, images, layer=None, class_index=None, batch_size=64, seed=
 def center_map(model, images, layer=None, class_index=None, batch_size=64):
     """Floor: the same centred Gaussian for every image (sigma = CENTER_SIGMA x the shorter side),
     since objects in photo data sets sit near the middle."""
-    images = _check_images(model, images)
+    images = check_images(model, images)
     h, w = model.input_shape[1:3]
     sigma = CENTER_SIGMA * min(h, w)
     y, x = np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2

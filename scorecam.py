@@ -48,7 +48,8 @@ def activation_model(model, layer_names):
     return keras.Model(model.inputs, outputs)
 
 
-def _check_images(model, images):
+def check_images(model, images):
+    """Images as float32 (N, H, W, 3) at the model's input size; a clear ValueError otherwise."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 3:
         images = images[None]
@@ -58,7 +59,7 @@ def _check_images(model, images):
     return images
 
 
-def _targets(class_index, probs):
+def target_classes(class_index, probs):
     """Target class per image: predicted (None), one int for all, or one int per image."""
     n, num_classes = probs.shape
     if class_index is None:
@@ -269,7 +270,7 @@ class _Explainer:
     def explain(self, parts):
         """Yield {layer: maps (n, H, W), None: probabilities (n, C)} for each (images, class_index)."""
         for images, class_index in parts:
-            images = _check_images(self.net, images)
+            images = check_images(self.net, images)
             part = _Part(self.names, len(images), self.size, self.num_classes)
             self.parts.append(part)
             for start in range(0, len(images), self.chunk):
@@ -293,7 +294,7 @@ class _Explainer:
     def _add_chunk(self, part, start, x, classes):
         *acts, probs = self.acts_model.predict_on_batch(x)
         probs = np.asarray(probs, dtype=np.float32)
-        targets = _targets(classes, probs)
+        targets = target_classes(classes, probs)
         part.maps[None][start:start + len(x)] = probs
         acts = {name: np.asarray(a, dtype=np.float32) for name, a in zip(self.names, acts)}
         channels = (lambda a: select_channels(a, self.max_n)) if self.max_n else None
@@ -358,7 +359,7 @@ def channel_weights(model, images, upsampled, targets, batch_size, channels=None
     """w[i, k]: probability of class targets[i] for images[i] * mask_k, masks made from `upsampled`
     (N, H, W, K); constant channels get weight 0 and are never sent through the net. (score_cam
     passes the layer's low-resolution activations instead; this is the same graph at full size.)"""
-    images = _check_images(model, images)
+    images = check_images(model, images)
     n, _, _, k = upsampled.shape
     chosen = np.asarray(upsampled).reshape(n, -1, k)
     chosen = chosen.max(axis=1) > chosen.min(axis=1)
@@ -424,8 +425,8 @@ def score_cam_layers(model, images, layers=None, class_index=None, batch_size=25
     stays bounded whatever N is.
     """
     explainer = _Explainer(model, layers, batch_size, max_n, precision, chunk)
-    images = _check_images(model, images)
-    if np.ndim(class_index) and len(class_index) != len(images):  # the same message as one-shot _targets
+    images = check_images(model, images)
+    if np.ndim(class_index) and len(class_index) != len(images):  # the same message as one-shot target_classes
         raise ValueError(f"class_index must be an int or {len(images)} ints, got {len(class_index)}")
     return next(iter(explainer.explain([(images, class_index)])))
 

@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import runtime  # noqa: E402,F401  (before keras: quiet TensorFlow start-up)
@@ -148,7 +149,9 @@ def load_data(args):
     if not args.data_dir:
         raise ValueError("--dataset folder needs --data-dir")
     size = (args.image_size, args.image_size)
-    d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reported below, in one line
+        d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.seed)
     if d.skipped:
         print(f"skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0][1]}", file=sys.stderr)
     display = read_display_names(args.names, d.class_names) if args.names else None
