@@ -11,14 +11,15 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path` (same suffix); rename it onto `path` on success.
+    """Yield a temporary path next to `path` (same suffixes); rename it onto `path` on success.
 
     The rename is atomic on one filesystem, so readers never see a half-written file and
     an existing file is replaced only once the new one is complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    suffix = "".join(path.suffixes[-2:])  # keeps ".weights.h5", which Keras requires
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
     try:

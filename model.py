@@ -52,13 +52,18 @@ def input_size(model):
     return tuple(model.input_shape[1:3])
 
 
-def as_float32(model):
-    """A float32 copy of a model built by build_model (e.g. one trained in mixed precision)."""
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
-        return model
-    copy = build_model(model.input_shape[1:], model.output_shape[-1])
-    copy.set_weights(model.get_weights())
-    return copy
+def for_inference(model):
+    """A float32 model without optimizer state: what gets shipped (a third of a trained model's file).
+
+    A compiled float32 model is re-wrapped uncompiled around the same layers; a mixed-precision one
+    is rebuilt by build_model in float32 with its weights."""
+    if any(layer.dtype_policy.name != "float32" for layer in model.layers):
+        copy = build_model(model.input_shape[1:], model.output_shape[-1])
+        copy.set_weights(model.get_weights())
+        return copy
+    if getattr(model, "optimizer", None) is not None:
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
 
 
 def classes_path(model_path):
@@ -68,14 +73,14 @@ def classes_path(model_path):
 
 
 def save_model(model, path, class_names, display_names=None):
-    """Save a float32 `.keras` file and its class names, each written atomically."""
+    """Save a float32 `.keras` file (weights only, no optimizer) and its class names, each written atomically."""
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"model file must end in .keras: {path}")
     if len(class_names) != model.output_shape[-1]:
         raise ValueError(f"{len(class_names)} class names for a model with {model.output_shape[-1]} outputs")
     with atomic_path(path) as tmp:
-        as_float32(model).save(tmp)
+        for_inference(model).save(tmp)
     meta = {"classes": list(class_names), "display_names": list(display_names) if display_names else None}
     with atomic_path(classes_path(path)) as tmp:
         tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -22,7 +22,7 @@ import runtime  # noqa: E402,F401  (before keras: quiet TensorFlow start-up)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from atomic import write_text  # noqa: E402
+from atomic import atomic_path, write_text  # noqa: E402
 from data.augment import AUGMENTATIONS  # noqa: E402
 from model import build_model, load_model, save_model  # noqa: E402
 
@@ -115,6 +115,34 @@ class SaveBest(keras.callbacks.Callback):
         if self.monitor is None or score > self.best:
             self.best = score
             save_model(self.model, self.path, self.class_names, self.display_names)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose checkpoint survives a kill at any instant.
+
+    Keras rewrites `latest.weights.h5` in place, so a kill mid-write leaves a file that cannot be
+    opened, and weights and epoch counter are two files that a kill can split. Here each epoch's
+    weights go to a new file (written whole, then renamed) and the metadata, written last and
+    atomically, names the file it belongs to: the checkpoint is always the last complete one.
+    """
+
+    def _save_model(self):
+        backup = Path(self.backup_dir)
+        weights = backup / f"epoch{self._current_epoch:04d}.weights.h5"
+        with atomic_path(weights) as tmp:
+            self.model.save_weights(tmp)
+        write_text(self._training_metadata_path, json.dumps(
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": weights.name}))
+        for old in backup.glob("*.weights.h5"):
+            if old != weights:
+                old.unlink()
+
+    def _load_model(self):
+        metadata = Path(self._training_metadata_path)
+        if not metadata.is_file():
+            return  # nothing finished yet: a fresh start
+        self._weights_path = str(Path(self.backup_dir) / json.loads(metadata.read_text())["weights"])
+        super()._load_model()
 
 
 def learning_rate_schedule(name, peak, steps):
@@ -222,7 +250,7 @@ def train(args, extra_callbacks=()):
         # epoch instead of choosing on the test set.
         SaveBest(model_path, names, history_csv, monitor=None if val_name == "test" else "val_accuracy",
                  display_names=display),
-        keras.callbacks.BackupAndRestore(str(backup)),  # after the epoch's files are written
+        AtomicBackupAndRestore(str(backup)),  # after the epoch's files are written
         *extra_callbacks,
     ]
     start = time.time()

@@ -50,6 +50,20 @@ def test_mixed_precision_model_is_saved_as_float32(tmp_path):
     assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
 
 
+def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path):
+    import keras
+
+    m = build_model(num_classes=3)
+    m.compile(optimizer="adam", loss="categorical_crossentropy")
+    x, y = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)), np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]]
+    m.fit(x, y, epochs=1, verbose=0)
+    save_model(m, tmp_path / "m.keras", ["a", "b", "c"])
+    assert getattr(keras.saving.load_model(tmp_path / "m.keras"), "optimizer", None) is None
+    loaded, _, _ = load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), m.predict(x, verbose=0))
+    assert m.optimizer is not None  # the model being trained keeps its optimizer
+
+
 def test_class_count_mismatch_is_a_clear_error(tmp_path):
     save_model(build_model(), tmp_path / "m.keras", [str(i) for i in range(10)])
     classes_path(tmp_path / "m.keras").write_text(json.dumps({"classes": ["a", "b"]}))

@@ -61,6 +61,42 @@ def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path):
         np.testing.assert_array_equal(wa, wb)
 
 
+def test_death_while_the_backup_is_written_resumes_from_the_last_complete_one(tmp_path):
+    """Keras's own callback rewrites its weights file in place: dying mid-write left an unreadable
+    checkpoint (CI saw "bad object header version number"). Ours must fall back to the last whole one."""
+    from pathlib import Path
+
+    from model import build_model
+
+    def compiled():
+        m = build_model((16, 16, 3), 2)
+        m.compile(optimizer="adam", loss="categorical_crossentropy")
+        m.optimizer.build(m.trainable_variables)
+        return m
+
+    model, backup = compiled(), tmp_path / "backup"
+    saver = train.AtomicBackupAndRestore(str(backup))
+    saver.set_model(model)
+    saver.on_epoch_end(0)
+    saved = model.get_weights()
+    model.set_weights([np.zeros_like(w) for w in saved])
+
+    def dies_mid_write(filepath, **kwargs):
+        Path(filepath).write_bytes(b"\x89HDF\r\n\x1a\n half a file")
+        raise KeyboardInterrupt
+
+    model.save_weights = dies_mid_write
+    with pytest.raises(KeyboardInterrupt):
+        saver.on_epoch_end(1)
+    resumed = compiled()
+    restorer = train.AtomicBackupAndRestore(str(backup))
+    restorer.set_model(resumed)
+    restorer.on_train_begin()
+    assert resumed._initial_epoch == 1
+    for a, b in zip(resumed.get_weights(), saved):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_finished_run_is_not_overwritten_by_accident(color_folder, tmp_path):
     args = [*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(tmp_path / "run")]
     train.main(args)
