@@ -107,12 +107,14 @@ def character_figures(faces_dir, out):
                                 title=f"validation accuracy {acc:.1%}")
 
 
-def evaluation_figures(cifar_dir, faces_dir, out, n=1000):
+def evaluation_figures(cifar_dir, faces_dir, out, n=1000, which=("cifar10", "characters")):
     """The faithfulness tables (JSON beside the figures) and mean deletion/insertion curves of both models."""
     import evaluate
 
-    runs = [("cifar10", ["--dataset", "cifar10"] + (["--data-dir", str(cifar_dir)] if cifar_dir else []))]
-    if faces_dir:
+    runs = []
+    if "cifar10" in which:
+        runs.append(("cifar10", ["--dataset", "cifar10"] + (["--data-dir", str(cifar_dir)] if cifar_dir else [])))
+    if faces_dir and "characters" in which:
         runs.append(("characters", ["--dataset", "folder", "--data-dir", str(faces_dir)]))
     for name, data_args in runs:
         if (MODELS / f"{name}.keras").is_file():
@@ -128,13 +130,17 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "md_image"), help="figure folder (default: md_image/)")
     p.add_argument("--skip-eval", action="store_true", help="skip the faithfulness evaluation (slowest part)")
     p.add_argument("--eval-n", type=int, default=1000, help="images per model in the evaluation (default %(default)s)")
+    p.add_argument("--only", choices=["cifar10", "characters"], help="regenerate one model's figures (default: both)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    which = [args.only] if args.only else ["cifar10", "characters"]
     try:
-        cifar_figures(args.cifar_dir, out)
-        character_figures(args.characters_dir, out)
+        if "cifar10" in which:
+            cifar_figures(args.cifar_dir, out)
+        if "characters" in which:
+            character_figures(args.characters_dir, out)
         if not args.skip_eval:
-            evaluation_figures(args.cifar_dir, args.characters_dir, out, args.eval_n)
+            evaluation_figures(args.cifar_dir, args.characters_dir, out, args.eval_n, which)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"figures written to {out}")

@@ -55,6 +55,9 @@ def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path):
     assert (resumed / "backup").is_dir() and history_epochs(resumed) == [0, 1]
     train.train(train.parse_args([*args, "--out", str(resumed)]))
     assert history_epochs(resumed) == [0, 1, 2]
+    # Every epoch's training loss and validation scores, bitwise: the saved model alone could be an
+    # early best epoch, written before the interruption, and prove nothing about the resumed epochs.
+    assert (resumed / "history.csv").read_text() == (whole / "history.csv").read_text()
     a, _, _ = load_model(whole / "model.keras")
     b, _, _ = load_model(resumed / "model.keras")
     for wa, wb in zip(a.get_weights(), b.get_weights()):
@@ -114,8 +117,9 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(color_folder, tmp_path):
-    """Batches are a pure function of (seed, epoch, batch) and BackupAndRestore restores weights, optimizer
-    and random-generator state, so the resumed run repeats the lost epoch exactly: bitwise equal weights."""
+    """Batches are a pure function of (seed, epoch, batch) and the checkpoint holds weights, optimizer and
+    dropout random-generator states, so the resumed run repeats the lost epoch exactly: bitwise equal
+    history and weights."""
     import random
     import shutil
     import subprocess
@@ -145,6 +149,7 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(colo
     r = run_cli(*args, "--out", killed)
     assert r.returncode == 0, r.stderr
     assert history_epochs(killed) == list(range(6))
+    assert (killed / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
     a, _, _ = load_model(tmp_path / "whole" / "model.keras")
     b, _, _ = load_model(killed / "model.keras")
     for wa, wb in zip(a.get_weights(), b.get_weights()):
