@@ -62,7 +62,7 @@ def for_inference(model):
         copy.set_weights(model.get_weights())
         return copy
     if getattr(model, "optimizer", None) is not None:
-        return keras.Model(model.inputs, model.outputs, name=model.name)
+        return keras.Model(model.inputs[0], model.outputs[0], name=model.name)  # not lists: keep a single output
     return model
 
 
@@ -97,6 +97,9 @@ def load_model(path):
         raise ValueError(f"not a Keras model file: {path} ({type(e).__name__})") from None
     if not isinstance(model, keras.Model) or len(model.output_shape) != 2 or not conv_layer_names(model):
         raise ValueError(f"not an image classifier with conv layers: {path}")
+    if not isinstance(model, keras.Sequential) and len(model.outputs) == 1:
+        # A file saved with its output as a list of one returns [probs] when called; unwrap it.
+        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     num_classes = model.output_shape[-1]
     meta_path = classes_path(path)
     if meta_path.is_file():
