@@ -52,6 +52,11 @@ def input_size(model):
     return tuple(model.input_shape[1:3])
 
 
+def single_output(model):
+    """The same layers as a model whose output is one tensor, not a list of one (which calling would return)."""
+    return keras.Model(model.inputs[0], model.outputs[0], name=model.name)
+
+
 def for_inference(model):
     """A float32 model without optimizer state: what gets shipped (a third of a trained model's file).
 
@@ -61,9 +66,7 @@ def for_inference(model):
         copy = build_model(model.input_shape[1:], model.output_shape[-1])
         copy.set_weights(model.get_weights())
         return copy
-    if getattr(model, "optimizer", None) is not None:
-        return keras.Model(model.inputs[0], model.outputs[0], name=model.name)  # not lists: keep a single output
-    return model
+    return single_output(model) if getattr(model, "optimizer", None) is not None else model
 
 
 def classes_path(model_path):
@@ -98,8 +101,7 @@ def load_model(path):
     if not isinstance(model, keras.Model) or len(model.output_shape) != 2 or not conv_layer_names(model):
         raise ValueError(f"not an image classifier with conv layers: {path}")
     if not isinstance(model, keras.Sequential) and len(model.outputs) == 1:
-        # A file saved with its output as a list of one returns [probs] when called; unwrap it.
-        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
+        model = single_output(model)  # files saved elsewhere may hold outputs=[probs]
     num_classes = model.output_shape[-1]
     meta_path = classes_path(path)
     if meta_path.is_file():

@@ -60,8 +60,8 @@ class EpochBatches(keras.utils.PyDataset):
         return x.astype("float32"), keras.utils.to_categorical(self.y[idx], self.num_classes)
 
     def on_epoch_end(self):
-        # Keras calls this between epochs, before its workers fetch the next epoch's batches; a
-        # callback's on_epoch_begin comes too late (batches are fetched ahead) and made resumes differ.
+        # Keras calls this before each pass over the data is fetched (the first included), so the
+        # counter counts passes; a callback's on_epoch_begin comes after batches are fetched ahead.
         self.epoch += 1
 
 
@@ -125,10 +125,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     beside it, so a resumed epoch draws the same dropout masks as an uninterrupted one.
     """
 
-    @staticmethod
-    def finished_epochs(backup_dir):
+    def finished_epochs(self):
         """Epochs a previous, interrupted run completed (0 when there is no checkpoint)."""
-        metadata = Path(backup_dir) / "training_metadata.json"
+        metadata = Path(self._training_metadata_path)
         return json.loads(metadata.read_text())["epoch"] if metadata.is_file() else 0
 
     def _seed_states(self):
@@ -156,7 +155,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._weights_path = str(Path(self.backup_dir) / meta["weights"])
         super()._load_model()
         with np.load(Path(self.backup_dir) / meta["seeds"]) as saved:
-            for variable, i in zip(self._seed_states(), range(len(saved.files))):
+            for i, variable in enumerate(self._seed_states()):
                 variable.assign(saved[f"arr_{i}"])
 
 
@@ -257,7 +256,8 @@ def train(args, extra_callbacks=()):
           + ", ".join(f"{k}={getattr(args, k)}" for k in RECIPES["original"]))
     model = build_model(x_train.shape[1:], len(names), dtype=args.precision)
     batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, AUGMENTATIONS[args.augment])
-    batches.epoch = AtomicBackupAndRestore.finished_epochs(backup)  # a resumed run starts where it stopped
+    backup_and_restore = AtomicBackupAndRestore(str(backup))
+    batches.epoch = backup_and_restore.finished_epochs()  # a resumed run draws the batches it would have
     compile_model(model, args, steps=args.epochs * len(batches))
     callbacks = [
         HistoryCSV(history_csv),
@@ -265,7 +265,7 @@ def train(args, extra_callbacks=()):
         # epoch instead of choosing on the test set.
         SaveBest(model_path, names, history_csv, monitor=None if val_name == "test" else "val_accuracy",
                  display_names=display),
-        AtomicBackupAndRestore(str(backup)),  # after the epoch's files are written
+        backup_and_restore,  # after the epoch's files are written
         *extra_callbacks,
     ]
     start = time.time()
