@@ -8,6 +8,7 @@ skipped without it). Deterministic: the same models and data give the same figur
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import numpy as np
 
 from model import load_model
-from plots import confusion_matrix_figure, layer_grid_figure, learning_curves, overlay_grid, read_history
+from plots import (confusion_matrix_figure, layer_grid_figure, learning_curves, overlay_grid, read_history,
+                   schedule_comparison)
 from scorecam import CONV_TYPES, score_cam, score_cam_layers
 
 ROOT = Path(__file__).resolve().parent
@@ -76,6 +78,18 @@ def curves(history_csv, title, prefix, out):
         learning_curves(read_history(history_csv), out, title=title, prefix=prefix)
 
 
+def schedule_figure(runs_dir, path):
+    """Test accuracy of the recipe's runs at several lengths (models/cifar10_runs/epochsNNN_batchBBB.history.csv)."""
+    histories = {}
+    for csv_path in sorted(runs_dir.glob("epochs*_batch*.history.csv")):
+        planned, batch = map(int, re.match(r"epochs(\d+)_batch(\d+)", csv_path.name).groups())
+        history = read_history(csv_path)
+        done = int(history["epoch"][-1])
+        histories[f"{planned} epochs, batch {batch}" + ("" if done >= planned else f" (stopped at {done})")] = history
+    if histories:
+        schedule_comparison(histories, path, title="CIFAR-10: one-cycle schedules of different lengths")
+
+
 def cifar_figures(data_dir, out):
     from data.cifar10 import load_cifar10
 
@@ -87,6 +101,7 @@ def cifar_figures(data_dir, out):
     layer_figures(model, names, x_test, y_test, "cifar10", out)
     right_and_wrong_grid(model, names, x_test, y_test, out / "cifar10_grid.png")
     curves(history_csv, "CIFAR-10", "cifar10_", out)
+    schedule_figure(MODELS / "cifar10_runs", out / "cifar10_schedules.png")
 
 
 def character_figures(faces_dir, out):

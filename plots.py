@@ -44,6 +44,19 @@ def learning_curves(history, out_dir, title="", prefix=""):
         save_figure(fig, f"{out_dir}/{prefix}{'acc' if metric == 'accuracy' else 'loss'}.png")
 
 
+def schedule_comparison(histories, path, title=""):
+    """Validation accuracy per epoch of several runs in one plot: {label: history} -> PNG."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, history in histories.items():
+        ax.plot(history["epoch"], history["val_accuracy"], label=label, linewidth=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def confusion_matrix_figure(matrix, names, path, title=""):
     """Row-normalised confusion matrix (rows: true class) with counts in the cells."""
     n = len(names)

@@ -5,7 +5,7 @@ from conftest import ROOT, run_cli, write_image
 from data.cifar10 import CLASS_NAMES
 
 CIFAR_FIGURES = {f"cifar10_layers_{i}.png" for i in range(1, 6)} | {"cifar10_grid.png", "cifar10_acc.png",
-                                                                    "cifar10_loss.png"}
+                                                                    "cifar10_loss.png", "cifar10_schedules.png"}
 
 
 def test_figures_command_reproduces_the_cifar10_figures(tmp_path):
