@@ -8,6 +8,7 @@ skipped without it). Deterministic: the same models and data give the same figur
 """
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def evaluation_figures(cifar_dir, faces_dir, out, n=1000, which=("cifar10", "cha
     for name, data_args in runs:
         if (MODELS / f"{name}.keras").is_file():
             evaluate.run(evaluate.parse_args([
-                "--model", str(MODELS / f"{name}.keras"), *data_args, "--n", str(n),
+                "--model", os.path.relpath(MODELS / f"{name}.keras"), *data_args, "--n", str(n),
                 "--json", str(out / f"eval_{name}.json"), "--figure", str(out / f"eval_{name}.png")]))
 
 
