@@ -29,7 +29,7 @@ def test_one_epoch_writes_every_output(color_folder, tmp_path):
     assert names == ["blue", "green", "red"] and model.input_shape == (None, 16, 16, 3)
     results = json.loads((run / "results.json").read_text())
     assert 0 <= results["validation_accuracy"] <= 1 and results["validation_images"] == 6
-    assert results["backend"] == keras.backend.backend() and results["devices"]  # where the figure was made
+    assert results["backend"] == keras.backend.backend() and results["devices"]  # where the accuracy was measured
     assert history_epochs(run) == [0]
 
 
