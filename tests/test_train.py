@@ -137,7 +137,9 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(colo
         proc = subprocess.Popen([sys.executable, *args, "--out", str(killed)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
-        while not (killed / "history.csv").exists() and proc.poll() is None and time.time() < deadline:
+        # from the first complete checkpoint on (a kill before it is a fresh start, which tests nothing)
+        while not (killed / "backup" / "training_metadata.json").exists() and proc.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.01)
         delay = random.uniform(0, window)
         time.sleep(delay)
