@@ -80,15 +80,20 @@ def curves(history_csv, title, prefix, out):
 
 
 def schedule_figure(runs_dir, path):
-    """Test accuracy of the recipe's runs at several lengths (models/cifar10_runs/epochsNNN_batchBBB.history.csv)."""
-    histories = {}
-    for csv_path in sorted(runs_dir.glob("epochs*_batch*.history.csv")):
-        planned, batch = map(int, re.match(r"epochs(\d+)_batch(\d+)", csv_path.name).groups())
-        history = read_history(csv_path)
-        done = int(history["epoch"][-1])
-        histories[f"{planned} epochs, batch {batch}" + ("" if done >= planned else f" (stopped at {done})")] = history
-    if histories:
-        schedule_comparison(histories, path, title="CIFAR-10: one-cycle schedules of different lengths")
+    """Test accuracy of the recipe runs in runs_dir/runs.json's panels (histories NAME.history.csv, where NAME
+    starts with epochsNNN, the planned length: a run stopped short says where)."""
+    manifest = runs_dir / "runs.json"
+    if not manifest.is_file():
+        return
+    panels = []
+    for panel in json.loads(manifest.read_text())["panels"]:
+        histories = {}
+        for name, label in panel["runs"].items():
+            history = read_history(runs_dir / f"{name}.history.csv")
+            planned, done = int(re.match(r"epochs(\d+)", name).group(1)), int(history["epoch"][-1])
+            histories[label + ("" if done >= planned else f" (stopped at {done})")] = history
+        panels.append((panel["title"], histories))
+    schedule_comparison(panels, path, title="CIFAR-10: one-cycle recipe runs", ymin=0.6)
 
 
 def cifar_figures(data_dir, out):
