@@ -101,6 +101,25 @@ def test_death_while_the_backup_is_written_resumes_from_the_last_complete_one(tm
         np.testing.assert_array_equal(a, b)
 
 
+def test_backup_claims_async_safety_only_because_its_batch_hooks_write_nothing(tmp_path):
+    """`async_safe` lets Keras run batches ahead on JAX (2x on a GPU); it is only true while the
+    callback saves per epoch, never inside a batch."""
+    from model import build_model
+
+    model = build_model((16, 16, 3), 2)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    backup = tmp_path / "backup"
+    saver = train.AtomicBackupAndRestore(str(backup))
+    saver.set_model(model)
+    saver.on_train_begin()
+    for batch in range(3):
+        saver.on_train_batch_begin(batch)
+        saver.on_train_batch_end(batch, {"loss": 1.0})
+    assert saver.async_safe and not any(backup.glob("*"))
+    saver.on_epoch_end(0)
+    assert any(backup.glob("*.weights.h5"))
+
+
 def test_finished_run_is_not_overwritten_by_accident(color_folder, tmp_path):
     args = [*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(tmp_path / "run")]
     train.main(args)
@@ -115,6 +134,33 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "at least two class" in r.stderr
     r = run_cli("train.py", "--dataset", "nope")
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_sigterm_ends_with_one_line_leaves_no_temporary_file_and_resumes(color_folder, tmp_path):
+    """`timeout` and batch schedulers stop a run with SIGTERM, which by default kills Python without
+    unwinding: a file being written stayed behind as `.model.keras.XXXX.keras`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    args = ["train.py", *TINY, "--data-dir", str(color_folder), "--epochs", "40", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    metadata = tmp_path / "run" / "backup" / "training_metadata.json"
+    while not metadata.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1] == f"interrupted: rerun with --out {tmp_path / 'run'} to resume"
+    assert "Traceback" not in stderr
+    assert not [p.name for p in (tmp_path / "run").rglob(".*")], "temporary files left behind"
+    assert train.AtomicBackupAndRestore(str(tmp_path / "run" / "backup")).finished_epochs() >= 1
 
 
 def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(color_folder, tmp_path):
