@@ -116,6 +116,7 @@ def test_backup_claims_async_safety_only_because_its_batch_hooks_write_nothing(t
         saver.on_train_batch_begin(batch)
         saver.on_train_batch_end(batch, {"loss": 1.0})
     assert saver.async_safe and not any(backup.glob("*"))
+    assert not train.AtomicBackupAndRestore(str(backup), save_freq=2).async_safe
     saver.on_epoch_end(0)
     assert any(backup.glob("*.weights.h5"))
 
