@@ -1,30 +1,36 @@
 """Score-CAM at the speed limit of the hardware: measures it against the bound, side by side.
 
     python bench.py [--n 300] [--json bench.json] [--memory-n 2000] [--naive-n 6] [--bf16-n 100]
+                    [--sizes 32,64,mobilenet] [--mobilenet-n 6]      (KERAS_BACKEND=jax for JAX)
 
 Score-CAM costs one forward pass per image for the activations plus one per channel of the
 explained layer, so with T the model's own batched throughput (images/s: the faster of
-model.predict and a compiled call of the model, batch 256) no Score-CAM explains more than
-T / (K + 1) images/s at full precision. For each model size (build_model, seeded, untrained: 32x32
-with 10 classes and 64x64 with 20; the last conv layer, K = 64) this prints and records:
+model.predict and a loop of predict_on_batch, Keras's compiled call on every backend, batch 256) no
+Score-CAM explains more than T / (K + 1) images/s at full precision. For each model size (build_model,
+seeded, untrained: 32x32 with 10 classes and 64x64 with 20; the last conv layer, K = 64) this prints
+and records:
 
   T and the bound T / (K + 1); score_cam's images/s and its ratio to the bound. Score-CAM skips
   channels that are constant on an image (weight 0, as the authors' code), so the ratio can pass 1;
   "passes/image" counts the forward passes really needed and "of T" is the share of the model's
   throughput that they run at (1.0 = the hardware limit).
-  the straightforward implementation (naive_score_cam below, the original experiment's loop) in
+  the straightforward implementation (reference.naive_score_cam, the original experiment's loop) in
   the same run: its images/s, our speed-up, and the largest difference between the two maps;
   Faster-Score-CAM at max_n 8/16/32: images/s and its cost relative to full Score-CAM, against
   the (max_n + 1) / (K + 1) it should scale as;
   the bfloat16 path (precision="bfloat16"): the bfloat16 copy's own T, Score-CAM images/s, ratio
   to the float32 bound, and agreement with the float32 maps (min Pearson r, same top class);
+  what precision="auto" chooses here (scorecam.auto_precision) and both speeds it measured;
+  a transfer-learning model, MobileNetV2 (alpha 0.35, 96x96, random weights) nested in a Sequential
+  with a 5-class head, at its last conv layer (K = 1280): Score-CAM and max_n 64, each against its
+  bound, on --mobilenet-n images;
   peak memory of score_cam on --memory-n images at 64x64 with default settings, in a subprocess
-  (VmHWM), and the machine (CPU, cores, devices, TensorFlow/Keras versions).
+  (VmHWM), and the machine (CPU, cores, devices, backend, library versions).
 
 Every T is re-measured right before and after each timed method and the method's bound uses their
-mean, so a busy machine skews ratios less than absolute figures. On an idle 2-core Xeon it takes
-about 10 minutes, 6 of them the 2,000-image memory run (--memory-n 500 shortens it to 2). The JSON
-file is written atomically.
+mean, so a busy machine skews ratios less than absolute figures. On an idle 2-core CPU it takes
+about 12 minutes, 6 of them the 2,000-image memory run (--memory-n 500 shortens it to 2). The JSON
+file is written atomically. Every figure is for the backend Keras runs on (KERAS_BACKEND).
 """
 import argparse
 import json
@@ -36,71 +42,34 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import keras
 import numpy as np
 from tqdm import tqdm
 
+import cam
 import scorecam
 from atomic import write_text
 from model import build_model
+from reference import naive_score_cam
 
 SIZES = ((32, 10), (64, 20))  # (input side, classes)
 T_BATCH = 256
 MAX_NS = (8, 16, 32)
-
-
-# ---------------------------------------------------------------- the straightforward implementation
-
-def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
-    """The original experiment's Score-CAM for one image (H, W, 3): a sub-model built on every call,
-    one activation pass, a Python loop upsampling (cv2.resize, bilinear) and min-max normalising each
-    channel, then one `predict` of that image's masked batch. Also the reference for correctness:
-    (H, W) float32 map in [0, 1], and the predicted probabilities."""
-    name = scorecam.conv_layer(model, layer).name
-    sub = keras.Model(model.inputs, [model.get_layer(name).output, model.output])
-    acts, probs = sub.predict(image[None].astype(np.float32), verbose=0)
-    acts, probs = acts[0], probs[0]
-    target = int(np.argmax(probs)) if class_index is None else int(class_index)
-    height, width = image.shape[:2]
-    channels = range(acts.shape[-1])
-    if max_n:  # Faster-Score-CAM: the channels of largest spatial standard deviation
-        std = acts.reshape(-1, acts.shape[-1]).std(axis=0)
-        channels = sorted(np.argsort(-std, kind="stable")[:max_n])
-    upsampled, masks, used = {}, [], []
-    for k in channels:
-        up = cv2.resize(acts[..., k], (width, height), interpolation=cv2.INTER_LINEAR)
-        upsampled[k] = up
-        if up.max() > up.min():
-            masks.append((up - up.min()) / (up.max() - up.min()))
-            used.append(k)
-    cam = np.zeros((height, width), dtype=np.float32)
-    if masks:
-        masked = np.stack([image * m[..., None] for m in masks]).astype(np.float32)
-        scores = model.predict(masked, verbose=0)[:, target]
-        for k, s in zip(used, scores):
-            cam += s * upsampled[k]
-    cam = np.maximum(cam, 0)
-    span = cam.max() - cam.min()
-    return ((cam - cam.min()) / span if span > 0 else np.zeros_like(cam)).astype(np.float32), probs
+MOBILENET = dict(side=96, alpha=0.35, classes=5, max_n=64)
 
 
 # ---------------------------------------------------------------- measuring
 
 class Throughput:
-    """T: the model's own inference throughput at batch 256 (images/s), the faster of
-    model.predict and a compiled call (tf.function, here only, to measure the bound)."""
+    """T: the model's own inference throughput at batch 256 (images/s), the faster of model.predict
+    and a loop of predict_on_batch (Keras's compiled call: tf.function on TensorFlow, jax.jit on JAX)."""
 
     def __init__(self, model, seed=0):
-        import tensorflow as tf
-
-        side = model.input_shape[1:3]
         self.model = model
-        self.x = np.random.default_rng(seed).uniform(0, 255, (T_BATCH, *side, 3)).astype(np.float32)
-        self.compiled = tf.function(lambda x: model(x, training=False))
-        self.compiled_xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
-        self.compiled(self.x)
+        shape = (T_BATCH,) + tuple(model.inputs[0].shape[1:])
+        self.x = np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32)
+        model.predict_on_batch(self.x)
         model.predict(self.x, batch_size=T_BATCH, verbose=0)
         self.best = None
 
@@ -110,26 +79,21 @@ class Throughput:
         self.model.predict(x, batch_size=T_BATCH, verbose=0)
         return len(x) / (time.perf_counter() - start)
 
-    def _call(self, fn, batches):
+    def _call(self, batches):
         start = time.perf_counter()
         for _ in range(batches):
-            np.asarray(fn(self.x))
+            np.asarray(self.model.predict_on_batch(self.x))
         return batches * T_BATCH / (time.perf_counter() - start)
 
     def full(self, batches=2, repeats=2):
         """Both ways, best of `repeats`; remembers the faster way for quick re-measurements."""
         predict = max(self._predict(batches) for _ in range(repeats))
-        call = max(self._call(self.compiled, batches) for _ in range(repeats))
+        call = max(self._call(batches) for _ in range(repeats))
         self.best = "compiled call" if call >= predict else "model.predict"
         return {"images_per_s": max(predict, call), "predict": predict, "compiled_call": call, "used": self.best}
 
-    def xla(self, batches=2, repeats=1):
-        """For the record: the same compiled call with XLA (jit_compile=True)."""
-        self.compiled_xla(self.x)
-        return max(self._call(self.compiled_xla, batches) for _ in range(repeats))
-
     def quick(self, batches=1):
-        return self._call(self.compiled, batches) if self.best == "compiled call" else self._predict(batches)
+        return self._call(batches) if self.best == "compiled call" else self._predict(batches)
 
 
 def timed(fn):
@@ -146,19 +110,12 @@ def beside_t(throughput, fn):
     return out, seconds, (before + after) / 2
 
 
-def pearson(a, b):
-    """Per-map Pearson r of two (N, H, W) stacks; two constant maps that are equal count as 1."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
-    norm = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    both_flat = ((a == 0).all(axis=1)) & ((b == 0).all(axis=1))
-    return np.where(both_flat, 1.0, (a * b).sum(axis=1) / np.where(norm > 0, norm, 1))
+pearson = cam.pearson
 
 
 def passes_per_image(model, images, layer, max_n=None):
     """Forward passes Score-CAM really needs per image: 1 + the non-constant (chosen) channels."""
-    acts = scorecam.activation_model(model, [layer]).predict(images, batch_size=64, verbose=0)[0]
+    acts = cam.explainable(model, [cam.find_layer(model, layer)]).predict(images, batch_size=64, verbose=0)[0]
     flat = acts.reshape(len(acts), -1, acts.shape[-1])
     varying = (flat.max(axis=1) > flat.min(axis=1)).sum(axis=1)
     if max_n:
@@ -166,34 +123,59 @@ def passes_per_image(model, images, layer, max_n=None):
     return 1 + float(varying.mean())
 
 
+def measure_t(model, args, log):
+    throughput = Throughput(model, args.seed)
+    t = throughput.full()
+    log(f"T = {t['images_per_s']:.0f} images/s ({t['used']}; model.predict {t['predict']:.0f}, compiled call "
+        f"{t['compiled_call']:.0f})")
+    return throughput, t
+
+
+def time_score_cam(model, images, layer, throughput, k, max_n=None):
+    """Score-CAM (float32) after warm-up calls that trace and compile every graph and shape:
+    (maps, probabilities, {images_per_s, T_around, bound, ratio_to_bound})."""
+    run = lambda x: scorecam.score_cam_layers(model, x, [layer], max_n=max_n, precision="float32")  # noqa: E731
+    run(images[:3])
+    run(images[:5])
+    (maps, probs), seconds, t_around = beside_t(throughput, lambda: run(images))
+    ips = len(images) / seconds
+    used = min(k, max_n) if max_n else k
+    bound = t_around / (used + 1)
+    return maps[cam.path_name(cam.find_layer(model, layer))], probs, {
+        "images_per_s": ips, "T_around": t_around, "bound": bound, "bound_channels": used,
+        "ratio_to_bound": ips / bound}
+
+
+def bench_auto(model, layer, images, log):
+    """What precision="auto" chooses for this model here, and the speeds it measured."""
+    auto = scorecam.auto_precision(model, [layer], images)
+    speeds = ", ".join(f"{p} {v:.2f}" for p, v in auto["images_per_s"].items())
+    log(f"precision auto: {auto['choice']} (measured images/s: {speeds}; min Pearson r "
+        f"{auto['min_pearson_r'] if auto['min_pearson_r'] is None else round(auto['min_pearson_r'], 5)}, "
+        f"same top class: {auto['top_class_equal']})")
+    return auto
+
+
 def bench_model(side, classes, args, log):
     keras.utils.set_random_seed(args.seed)
     model = build_model((side, side, 3), classes)
-    layer = scorecam.conv_layer(model).name
-    k = int(model.get_layer(layer).output.shape[-1])
+    layer = cam.path_name(cam.find_layer(model))
+    k = int(cam.explainable(model, [cam.find_layer(model)]).outputs[0].shape[-1])
     images = np.random.default_rng(args.seed + 1).uniform(0, 255, (args.n, side, side, 3)).astype(np.float32)
     name = f"{side}x{side}x{classes}"
     result = {"model": name, "layer": layer, "channels": k, "images": args.n}
     log(f"\n== {name}: build_model({side}x{side}, {classes} classes), layer {layer} (K = {k}), {args.n} images")
 
-    throughput = Throughput(model, args.seed)
-    t = throughput.full()
-    t["xla_compiled_call"] = throughput.xla()
+    throughput, t = measure_t(model, args, log)
     result["T"] = t
-    log(f"T = {t['images_per_s']:.0f} images/s ({t['used']}; model.predict {t['predict']:.0f}, compiled call "
-        f"{t['compiled_call']:.0f}, the same with XLA {t['xla_compiled_call']:.0f})")
     log(f"bound T/(K+1) = {t['images_per_s'] / (k + 1):.2f} images/s")
 
-    # Score-CAM: warm up (trace and compile every graph and shape), then time
-    scorecam.score_cam_layers(model, images[:3], [layer])
-    scorecam.score_cam_layers(model, images[:5], [layer])
-    maps, seconds, t_around = beside_t(throughput, lambda: scorecam.score_cam_layers(model, images, [layer]))
-    ours = args.n / seconds
+    maps, probs, sc = time_score_cam(model, images, layer, throughput, k)
+    ours, t_around = sc["images_per_s"], sc["T_around"]
     passes = passes_per_image(model, images, layer)
-    bound = t_around / (k + 1)
-    result["score_cam"] = {"images_per_s": ours, "T_around": t_around, "bound": bound, "ratio_to_bound": ours / bound,
-                           "passes_per_image": passes, "share_of_T": ours * passes / t_around}
-    log(f"Score-CAM: {ours:.2f} images/s = {ours / bound:.3f} x bound (T around it {t_around:.0f}); "
+    sc.update(passes_per_image=passes, share_of_T=ours * passes / t_around)
+    result["score_cam"] = sc
+    log(f"Score-CAM: {ours:.2f} images/s = {sc['ratio_to_bound']:.3f} x bound (T around it {t_around:.0f}); "
         f"{passes:.1f} passes/image, running at {ours * passes / t_around:.3f} of T")
 
     # the straightforward implementation, on the first few images
@@ -203,7 +185,7 @@ def bench_model(side, classes, args, log):
                                                             for im in tqdm(images[:m], desc="naive", leave=False,
                                                                            disable=None, mininterval=1)])
     naive_ips = m / seconds
-    diff = float(np.abs(np.stack(naive) - maps[layer][:m]).max())
+    diff = float(np.abs(np.stack(naive) - maps[:m]).max())
     result["naive"] = {"images": m, "images_per_s": naive_ips, "T_around": t_naive,
                        "speedup": ours / naive_ips, "speedup_same_T": (ours / t_around) / (naive_ips / t_naive),
                        "speedup_at_bound": (t_naive / (k + 1)) / naive_ips, "max_abs_map_difference": diff}
@@ -214,28 +196,26 @@ def bench_model(side, classes, args, log):
     # Faster-Score-CAM
     result["faster_score_cam"] = {}
     for max_n in MAX_NS:
-        scorecam.score_cam(model, images[:3], max_n=max_n)
-        _, seconds, t_fast = beside_t(throughput, lambda n=max_n: scorecam.score_cam(model, images, max_n=n))
-        ips = args.n / seconds
-        cost = (ours / t_around) / (ips / t_fast)  # cost per image relative to full Score-CAM, same T
+        _, _, fast = time_score_cam(model, images, layer, throughput, k, max_n)
+        cost = (ours / t_around) / (fast["images_per_s"] / fast["T_around"])  # relative to full Score-CAM, same T
         expected = (max_n + 1) / (k + 1)
         expected_passes = passes_per_image(model, images, layer, max_n) / passes
-        result["faster_score_cam"][max_n] = {"images_per_s": ips, "T_around": t_fast, "cost_ratio": cost,
-                                             "expected_ratio": expected, "expected_ratio_from_passes": expected_passes}
-        log(f"Faster-Score-CAM max_n={max_n}: {ips:.2f} images/s, cost {cost:.3f} of full "
+        fast.update(cost_ratio=cost, expected_ratio=expected, expected_ratio_from_passes=expected_passes)
+        result["faster_score_cam"][max_n] = fast
+        log(f"Faster-Score-CAM max_n={max_n}: {fast['images_per_s']:.2f} images/s, cost {cost:.3f} of full "
             f"(expected (max_n+1)/(K+1) = {expected:.3f}; from the passes really needed {expected_passes:.3f})")
 
     # the bfloat16 path
     m = min(args.bf16_n, args.n)
     copy = scorecam.bfloat16_copy(model)
     t_bf16 = Throughput(copy, args.seed).full(repeats=1)
-    scorecam.score_cam_layers(model, images[:3], [layer], precision="bfloat16")
-    scorecam.score_cam_layers(model, images[:5], [layer], precision="bfloat16")
-    bf16, seconds, t_b = beside_t(throughput, lambda: scorecam.score_cam_layers(model, images[:m], [layer],
-                                                                                precision="bfloat16"))
+    bf16_run = lambda x: scorecam.score_cam_layers(model, x, [layer], precision="bfloat16")  # noqa: E731
+    bf16_run(images[:3])
+    bf16_run(images[:5])
+    (bf16, bf16_probs), seconds, t_b = beside_t(throughput, lambda: bf16_run(images[:m]))
     ips = m / seconds
-    r = pearson(bf16[layer], maps[layer][:m])
-    same = bf16[None].argmax(axis=1) == maps[None][:m].argmax(axis=1)
+    r = pearson(bf16[layer], maps[:m])
+    same = bf16_probs.argmax(axis=1) == probs[:m].argmax(axis=1)
     result["bfloat16"] = {"images": m, "T_bfloat16_copy": t_bf16["images_per_s"], "images_per_s": ips,
                           "T_around": t_b, "ratio_to_fp32_bound": ips / (t_b / (k + 1)),
                           "min_pearson_r": float(r.min()), "top_class_equal": bool(same.all()),
@@ -243,6 +223,42 @@ def bench_model(side, classes, args, log):
     log(f"bfloat16: copy's T = {t_bf16['images_per_s']:.0f} images/s ({t_bf16['images_per_s'] / t['images_per_s']:.2f}"
         f" x float32 T); Score-CAM {ips:.2f} images/s = {ips / (t_b / (k + 1)):.3f} x the float32 bound; "
         f"min Pearson r {r.min():.4f}, top class equal on {same.mean():.1%}")
+    result["auto_precision"] = bench_auto(model, layer, images, log)
+    return result
+
+
+def mobilenet_model(seed=0):
+    """MobileNetV2 (alpha 0.35, 96x96, random weights) nested in a Sequential with a softmax head:
+    the transfer-learning shape of model people bring."""
+    keras.utils.set_random_seed(seed)
+    side = MOBILENET["side"]
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(side, side, 3),
+                                              alpha=MOBILENET["alpha"])
+    return keras.Sequential([keras.Input((side, side, 3)), backbone, keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(MOBILENET["classes"], activation="softmax")], name="mobilenet_head")
+
+
+def bench_mobilenet(args, log):
+    model = mobilenet_model(args.seed)
+    ref = cam.find_layer(model)
+    layer = cam.path_name(ref)
+    k = int(cam.explainable(model, [ref]).outputs[0].shape[-1])
+    side, n = MOBILENET["side"], args.mobilenet_n
+    images = np.random.default_rng(args.seed + 1).uniform(0, 255, (n, side, side, 3)).astype(np.float32)
+    result = {"model": "mobilenetv2_nested", "layer": layer, "channels": k, "images": n}
+    log(f"\n== nested MobileNetV2 (alpha {MOBILENET['alpha']}, {side}x{side}, random weights), layer {layer} "
+        f"(K = {k}), {n} images")
+    throughput, t = measure_t(model, args, log)
+    result["T"] = t
+    _, _, result["score_cam"] = time_score_cam(model, images, layer, throughput, k)
+    sc = result["score_cam"]
+    log(f"Score-CAM: {sc['images_per_s']:.3f} images/s = {sc['ratio_to_bound']:.3f} x bound T/(K+1) = "
+        f"{sc['bound']:.3f}")
+    max_n = MOBILENET["max_n"]
+    _, _, fast = time_score_cam(model, images, layer, throughput, k, max_n)
+    result["faster_score_cam"] = {max_n: fast}
+    log(f"Faster-Score-CAM max_n={max_n}: {fast['images_per_s']:.2f} images/s = {fast['ratio_to_bound']:.3f} x its "
+        f"bound T/(max_n+1) = {fast['bound']:.2f}")
     return result
 
 
@@ -259,13 +275,13 @@ def peak_rss_mb():
 
 
 def memory_child(n, seed):
-    """In a fresh process: score_cam with default settings on n 64x64 images; prints JSON."""
+    """In a fresh process: score_cam (default settings, float32) on n 64x64 images; prints JSON."""
     keras.utils.set_random_seed(seed)
     model = build_model((64, 64, 3), 20)
     images = np.random.default_rng(seed).uniform(0, 255, (n, 64, 64, 3)).astype(np.float32)
-    scorecam.score_cam(model, images[:2])
+    scorecam.score_cam(model, images[:2], precision="float32")
     rss_before = peak_rss_mb()
-    maps, seconds = timed(lambda: scorecam.score_cam(model, images))
+    maps, seconds = timed(lambda: scorecam.score_cam(model, images, precision="float32"))
     peak = peak_rss_mb()
     print(json.dumps({"images": n, "peak_rss_mb": peak, "peak_rss_before_run_mb": rss_before,
                       "input_mb": images.nbytes / 2**20, "output_mb": maps.nbytes / 2**20,
@@ -273,7 +289,7 @@ def memory_child(n, seed):
 
 
 def machine():
-    import tensorflow as tf
+    from importlib import metadata
 
     cpu = platform.processor()
     flags = set()
@@ -291,13 +307,17 @@ def machine():
         physical = psutil.cpu_count(logical=False)
     except ImportError:
         physical = None
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    versions = {}
+    for package in ("tensorflow", "jax", "jaxlib", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical,
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx2", "avx512f", "avx512_bf16", "amx"))),
-            "gpus": gpus, "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "backend": keras.backend.backend(),
-            "auto_precision": scorecam.AUTO_PRECISION}
+            "devices": keras.distribution.list_devices(), "python": platform.python_version(),
+            "backend": keras.backend.backend(), "keras": keras.__version__, "numpy": np.__version__, **versions}
 
 
 def main(argv=None):
@@ -307,16 +327,20 @@ def main(argv=None):
     p.add_argument("--bf16-n", type=int, default=100, help="images for the bfloat16 path (default: %(default)s)")
     p.add_argument("--memory-n", type=int, default=2000,
                    help="64x64 images in the peak-memory run; 0 skips it (default: %(default)s)")
-    p.add_argument("--sizes", default="32,64", help="model sizes to run, of 32 and 64 (default: %(default)s)")
+    p.add_argument("--sizes", default="32,64,mobilenet",
+                   help="models to run, of 32, 64 and mobilenet (default: %(default)s)")
+    p.add_argument("--mobilenet-n", type=int, default=6, help="images for the nested MobileNetV2 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this JSON file (atomically)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child, args.seed)
-    if min(args.n, args.naive_n, args.bf16_n) < 1:
-        p.error("--n, --naive-n and --bf16-n must be at least 1")
-    sides = {int(s) for s in args.sizes.split(",")}
+    if min(args.n, args.naive_n, args.bf16_n, args.mobilenet_n) < 1:
+        p.error("--n, --naive-n, --bf16-n and --mobilenet-n must be at least 1")
+    sides = {s.strip() for s in args.sizes.split(",")}
+    if not sides <= {"32", "64", "mobilenet"}:
+        p.error(f"--sizes takes 32, 64 and mobilenet, got {args.sizes!r}")
 
     def log(line):
         print(line, flush=True)
@@ -325,13 +349,14 @@ def main(argv=None):
     report = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "memory_child"},
               "models": {}}
     m = report["machine"]
-    log(f"machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), GPUs: "
-        f"{', '.join(m['gpus']) or 'none'}; TensorFlow {m['tensorflow']}, Keras {m['keras']}; "
-        f"flags: {' '.join(m['cpu_flags'])}")
+    log(f"machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), devices: "
+        f"{', '.join(m['devices'])}; Keras {m['keras']} on {m['backend']}; flags: {' '.join(m['cpu_flags'])}")
     for side, classes in SIZES:
-        if side in sides:
+        if str(side) in sides:
             result = bench_model(side, classes, args, log)
             report["models"][result["model"]] = result
+    if "mobilenet" in sides:
+        report["models"]["mobilenetv2_nested"] = bench_mobilenet(args, log)
     if args.memory_n:
         t64 = report["models"].get("64x64x20", {}).get("T", {}).get("images_per_s")
         eta = f" (about {args.memory_n * 65 / t64 / 60:.0f} min at T = {t64:.0f})" if t64 else ""

@@ -5,8 +5,10 @@
     python evaluate.py --dataset folder --model MODEL --data-dir FACES_DIR ...   (its validation split)
     python evaluate.py --markdown results.json                                   (the README table)
 
-Methods: Score-CAM, Faster-Score-CAM (16 channels), Grad-CAM, Grad-CAM++, and two floors that
-ignore the model (seeded smooth noise, a centred Gaussian). The target class is the predicted one.
+Methods: every method in cam.METHODS (Score-CAM, Faster-Score-CAM (16 channels), Grad-CAM, Grad-CAM++,
+Layer-CAM) and two floors that ignore the model (seeded smooth noise, a centred Gaussian). The target
+class is the predicted one; probabilities follow cam.py's score rule (softmax applied once). Score-CAM
+runs in float32, so the results do not depend on the machine's choice of precision.
 
   Average Drop %      mean over images of max(0, Y - O) / Y x 100, where Y is the target's softmax
                       probability on the image and O on the explanation image (image x map, the
@@ -31,6 +33,7 @@ Every value comes with a 95 % bootstrap interval over images (seeded, BOOTSTRAP 
 """
 import argparse
 import functools
+import inspect
 import json
 import logging
 import os
@@ -46,20 +49,12 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+import cam
+import gradcam  # noqa: F401  (registers the gradient methods and the floors)
 from atomic import write_text
-from gradcam import center_map, grad_cam, grad_cam_pp, random_map
-from scorecam import DEFAULT_MODEL, conv_layer, score_cam
+from scorecam import DEFAULT_MODEL
 
-METHODS = {
-    "scorecam": score_cam,
-    "faster_scorecam": functools.partial(score_cam, max_n=16),
-    "gradcam": grad_cam,
-    "gradcampp": grad_cam_pp,
-    "random": random_map,
-    "center": center_map,
-}
-LABELS = {"scorecam": "Score-CAM", "faster_scorecam": "Faster-Score-CAM (16 ch.)", "gradcam": "Grad-CAM",
-          "gradcampp": "Grad-CAM++", "random": "random floor", "center": "centre floor"}
+METHODS = cam.METHODS
 METRICS = {"avg_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
            "deletion_auc": "Deletion AUC ↓", "insertion_auc": "Insertion AUC ↑", "ms_per_image": "ms / image"}
 # The Score-CAM paper's Tables 1 and 2 (ImageNet validation, VGG16), as a reference point.
@@ -75,10 +70,8 @@ TIME_CHUNK = 64
 # ---------------------------------------------------------------- metrics
 
 def predict(model, images, batch_size=256):
-    """Softmax probabilities (N, C) float32, batch_size images per forward pass."""
-    out = [np.asarray(model.predict_on_batch(images[i:i + batch_size]), dtype=np.float32)
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+    """Probabilities (N, C) float32 by cam.py's score rule, batch_size images per forward pass."""
+    return cam.predict_probabilities(model, np.asarray(images, dtype=np.float32), batch_size)
 
 
 def target_probs(model, images, targets, batch_size=256):
@@ -217,8 +210,15 @@ def sanity_check(model, images, methods, targets, layer=None, batch_size=256, se
 # ---------------------------------------------------------------- one method, all metrics
 
 def method_functions(names, seed=0):
-    """{name: f(model, images, layer, class_index, batch_size)}, the random floor with this seed."""
-    return {n: functools.partial(random_map, seed=seed) if n == "random" else METHODS[n] for n in names}
+    """{name: f(model, images, layer, class_index, batch_size)}: a method taking a seed gets this one,
+    one taking a precision float32 (reproducible on every machine)."""
+    functions = {}
+    for name in names:
+        function = METHODS[name].function
+        options = inspect.signature(function).parameters
+        fixed = {k: v for k, v in (("seed", seed), ("precision", "float32")) if k in options}
+        functions[name] = functools.partial(function, **fixed)
+    return functions
 
 
 def explain_timed(method, model, images, targets, layer=None, batch_size=256, chunk=TIME_CHUNK):
@@ -269,7 +269,7 @@ def evaluate(model, images, names=None, layer=None, steps=STEPS, batch_size=256,
         values, x, dele, ins = per_image_metrics(model, images, maps, targets, y, steps, batch_size, seed, sigma,
                                                  desc=name)
         values["ms_per_image"] = seconds * 1000
-        results[name] = {"label": LABELS[name], **summarise(values, seed, resamples),
+        results[name] = {"label": METHODS[name].label, **summarise(values, seed, resamples),
                          "deletion_curve": dele.mean(axis=0).round(5).tolist(),
                          "insertion_curve": ins.mean(axis=0).round(5).tolist()}
     groups = []
@@ -333,7 +333,7 @@ def curves_figure(results, path):
     for ax, kind in zip(axes, ("deletion", "insertion")):
         for name, m in results["methods"].items():
             ax.plot(x, m[f"{kind}_curve"], label=f"{m.get('label', name)} ({m[f'{kind}_auc']:.3f})",
-                    linestyle="--" if name in ("random", "center") else "-")
+                    linestyle="--" if name in METHODS and METHODS[name].floor else "-")
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)")
         ax.set_xlabel("fraction of pixels " + ("deleted" if kind == "deletion" else "inserted"))
         ax.grid(alpha=0.3)
@@ -361,17 +361,20 @@ def load_sample(args, model, class_names):
         split = "test"
     else:
         from data.folder import load_image_folder
-        from model import input_size
 
         if not args.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
-        d = load_image_folder(args.data_dir, image_size=input_size(model), val_fraction=0.2, seed=args.split_seed)
+        size = cam.input_spec(model)[:2]
+        if None in size:
+            raise ValueError("--dataset folder needs a model with a fixed input size (pictures are resized to it)")
+        d = load_image_folder(args.data_dir, image_size=size, val_fraction=0.2, seed=args.split_seed)
         x, y, names, split = d.x_val, d.y_val, d.class_names, "validation"
     if len(names) != len(class_names):
         raise ValueError(f"the data has {len(names)} classes, the model {len(class_names)}")
-    if x.shape[1:3] != tuple(model.input_shape[1:3]):
-        raise ValueError(f"the data's images are {x.shape[1]}x{x.shape[2]}, the model takes "
-                         f"{model.input_shape[1]}x{model.input_shape[2]}")
+    height, width, channels = cam.input_spec(model)
+    if (height, width) != x.shape[1:3] or channels != 3:
+        raise ValueError(f"the data's images are {x.shape[1]}x{x.shape[2]}x3, the model takes "
+                         f"{height or 'any'}x{width or 'any'}x{channels}")
     if len(x) == 0:
         raise ValueError(f"the {split} split is empty")
     n = min(args.n, len(x))
@@ -387,7 +390,7 @@ def run(args):
     from model import load_model
 
     model, class_names, _ = load_model(args.model)
-    layer = conv_layer(model, args.layer).name
+    layer = cam.path_name(cam.find_layer(model, args.layer))
     names = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:

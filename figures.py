@@ -4,7 +4,8 @@
 
 --cifar-dir: CIFAR-10 as pickles or train/ test/ folders (default: Keras's download).
 --characters-dir: the face-crop folder the character model was trained on (its figures are
-skipped without it). Deterministic: the same models and data give the same figures.
+skipped without it). Deterministic: the same models and data give the same figures (Score-CAM runs
+in float32 here, whatever precision="auto" would choose on this machine).
 """
 import argparse
 import json
@@ -19,7 +20,8 @@ import numpy as np
 from model import load_model
 from plots import (confusion_matrix_figure, layer_grid_figure, learning_curves, overlay_grid, read_history,
                    schedule_comparison)
-from scorecam import CONV_TYPES, score_cam, score_cam_layers
+import cam
+from scorecam import score_cam, score_cam_layers
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ROOT / "models"
@@ -32,11 +34,10 @@ def pick(n, count, seed):
 
 def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
     """The original experiment's figure for `count` fixed pictures: input + one heatmap per conv layer."""
-    layers = [layer.name for layer in model.layers if isinstance(layer, CONV_TYPES)]
+    layers = [cam.path_name(ref) for ref in cam.conv_layers(model)]
     idx = pick(len(images), count, seed)
     x = images[idx].astype(np.float32)
-    maps = score_cam_layers(model, x, layers)
-    probs = maps.pop(None)
+    maps, probs = score_cam_layers(model, x, layers, precision="float32")
     for j, i in enumerate(idx):
         pred = int(probs[j].argmax())
         title = f"{names[pred]} - {names[labels[i]]} : {probs[j, pred]:.2f}"
@@ -45,7 +46,7 @@ def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
 
 def right_and_wrong_grid(model, names, images, labels, path, seed=0):
     """Last-conv-layer overlays of one correctly and one wrongly classified picture per class, side by side."""
-    probs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    probs = cam.predict_probabilities(model, images.astype(np.float32))
     pred = probs.argmax(axis=1)
     rng = np.random.default_rng(seed)
     chosen, titles = [], []
@@ -57,7 +58,7 @@ def right_and_wrong_grid(model, names, images, labels, path, seed=0):
             titles.append("" if i is None else f"{'right' if correct else 'wrong'}: {names[pred[i]]} "
                                                f"({probs[i, pred[i]]:.2f})\ntrue {names[c]}")
     found = [i for i in chosen if i is not None]
-    maps = dict(zip(found, score_cam(model, images[found].astype(np.float32))))
+    maps = dict(zip(found, score_cam(model, images[found].astype(np.float32), precision="float32")))
     overlay_grid([None if i is None else images[i] for i in chosen], [maps.get(i) for i in chosen], titles, path,
                  columns=10, suptitle="Score-CAM, last conv layer: one right and one wrong prediction per class")
 

@@ -90,7 +90,11 @@ def save_model(model, path, class_names, display_names=None):
 
 
 def load_model(path):
-    """Load (model, class_names, display_names); a clear ValueError for anything else."""
+    """Load (model, class_names, display_names) of any single-input Keras image classifier file; a
+    clear ValueError for anything else. Class names come from the class file beside the model
+    (`name.classes.json`), else they are the class indices."""
+    import cam
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
@@ -98,11 +102,12 @@ def load_model(path):
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
         raise ValueError(f"not a Keras model file: {path} ({type(e).__name__})") from None
-    if not isinstance(model, keras.Model) or len(model.output_shape) != 2 or not conv_layer_names(model):
-        raise ValueError(f"not an image classifier with conv layers: {path}")
-    if not isinstance(model, keras.Sequential) and len(model.outputs) == 1:
+    try:
+        num_classes = cam.num_classes(model)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(model, keras.Sequential):
         model = single_output(model)  # files saved elsewhere may hold outputs=[probs]
-    num_classes = model.output_shape[-1]
     meta_path = classes_path(path)
     if meta_path.is_file():
         try:

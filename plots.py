@@ -1,7 +1,9 @@
-"""Matplotlib figures: learning curves, confusion matrix, Score-CAM panels. Japanese labels render
-through matplotlib-fontja's IPAex Gothic; every figure file is written atomically."""
+"""Heatmap colouring and overlays (OpenCV), and the matplotlib figures: learning curves, confusion
+matrix, CAM panels. Japanese labels render through matplotlib-fontja's IPAex Gothic; every figure
+file is written atomically."""
 import csv
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -10,6 +12,19 @@ import matplotlib_fontja  # noqa: E402,F401  (registers the Japanese font)
 import numpy as np  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
+
+
+def colorize(cam):
+    """A [0, 1] map as an RGB uint8 jet heatmap (OpenCV colormap)."""
+    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255 + 0.5), cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+
+
+def overlay(image, cam, alpha=0.45):
+    """Blend the heatmap over an RGB uint8 image of any size (the map is resized to it)."""
+    h, w = image.shape[:2]
+    cam = cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.addWeighted(colorize(cam), alpha, np.ascontiguousarray(image, dtype=np.uint8), 1 - alpha, 0)
 
 
 def save_figure(fig, path, dpi=100):
@@ -83,19 +98,17 @@ def confusion_matrix_figure(matrix, names, path, title=""):
 
 def _overlay_panel(ax, image, cam, title, fontsize=8):
     """The image with the map blended on top, both at the image's size."""
-    from scorecam import overlay
-
     ax.imshow(overlay(image, cam))
     ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
 
 
-def _colorbar(fig, axes):
+def _colorbar(fig, axes, label="Score-CAM"):
     mappable = plt.cm.ScalarMappable(cmap="jet", norm=matplotlib.colors.Normalize(0, 1))
-    fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, label="Score-CAM (normalised)")
+    fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, label=f"{label} (normalised)")
 
 
-def layer_grid_figure(image, maps, title, path, columns=7):
+def layer_grid_figure(image, maps, title, path, columns=7, label="Score-CAM"):
     """The original experiment's figure: the input, then one overlaid heatmap per conv layer."""
     n = len(maps) + 1
     rows = -(-n // columns)
@@ -105,15 +118,16 @@ def layer_grid_figure(image, maps, title, path, columns=7):
     axes[0].set_title("input", fontsize=8)
     axes[0].axis("off")
     for ax, (name, cam) in zip(axes[1:], maps.items()):
-        _overlay_panel(ax, image, cam[0] if cam.ndim == 3 else cam, name.replace("block", "b").replace("_conv", " conv"))
+        short = name.split("/")[-1].replace("block", "b").replace("_conv", " conv")
+        _overlay_panel(ax, image, cam[0] if cam.ndim == 3 else cam, short)
     for ax in axes[n:]:
         ax.axis("off")
     fig.suptitle(title)
-    _colorbar(fig, axes.tolist())
+    _colorbar(fig, axes.tolist(), label)
     save_figure(fig, path, dpi=110)
 
 
-def single_layer_figure(original, resized, cam, blended, title, path):
+def single_layer_figure(original, resized, cam, blended, title, path, label="Score-CAM"):
     """Input, heatmap at the model's input size, and the overlay at the original size."""
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     axes[0].imshow(original)
@@ -125,7 +139,7 @@ def single_layer_figure(original, resized, cam, blended, title, path):
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)
-    _colorbar(fig, axes.tolist())
+    _colorbar(fig, axes.tolist(), label)
     save_figure(fig, path)
 
 

@@ -1,92 +1,32 @@
-"""Score-CAM (Wang et al. 2020) for Keras models: a batched, backend-neutral core, overlays, and a CLI.
+"""Score-CAM (Wang et al. 2020) for Keras models: a batched, backend-neutral core and a CLI.
 
     python scorecam.py                          # demo: the shipped CIFAR-10 model on scikit-image's cat
-    python scorecam.py IMAGE [IMAGE ...] [--model models/cifar10.keras] [--layer NAME | --all-layers]
+    python scorecam.py IMAGE [IMAGE ...] [--model ANY.keras] [--layer NAME_OR_PATH | --all-layers]
+                       [--method scorecam|faster-scorecam|gradcam|gradcampp|layercam]
                        [--class NAME_OR_INDEX] [--out PATH] [--max-n N] [--precision auto|float32|bfloat16]
     python scorecam.py --folder DIR --out OUTDIR [--layer NAME] ...   # one overlay PNG per picture, streamed
 
-For each channel k of a conv layer's activation A, A_k is upsampled bilinearly to the input size,
+For each channel k of a layer's activation A, A_k is upsampled bilinearly to the input size,
 min-max normalised to a mask M_k, and weighted by the model's probability of the target class on
 x * M_k; the map is ReLU(sum_k w_k A_k) min-max normalised to [0, 1]. This follows the authors'
-reference code. Masks are built inside one compiled graph with the forward pass, and the masked
-inputs of consecutive images share full batches (see "the compiled core" below; bench.py measures it).
+reference code. Which layer and which probability (softmax applied once) follow cam.py's rules, so
+any single-input Keras image classifier works. Masks are built inside one compiled graph with the
+forward pass, and the masked inputs of consecutive images share full batches (see "the compiled
+core" below; bench.py measures it).
 """
 import argparse
 import collections
 import sys
+import time
 from pathlib import Path
 
-import cv2
 import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import keras
 import numpy as np
 
+import cam
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cifar10.keras"
-CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
-
-
-def conv_layer(model, name=None):
-    """The named conv layer, or the last Conv2D-type layer when name is None; ValueError otherwise."""
-    convs = [layer for layer in model.layers if isinstance(layer, CONV_TYPES)]
-    if not convs:
-        raise ValueError("the model has no convolutional layer to explain")
-    if name is None:
-        return convs[-1]
-    try:
-        layer = model.get_layer(name)
-    except ValueError:
-        raise ValueError(f"no layer named {name!r}; conv layers: {', '.join(c.name for c in convs)}") from None
-    if not isinstance(layer, CONV_TYPES):
-        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not a convolutional layer; "
-                         f"conv layers: {', '.join(c.name for c in convs)}")
-    return layer
-
-
-def activation_model(model, layer_names):
-    """A model giving every named layer's activation and the predictions from one forward pass."""
-    outputs = [model.get_layer(n).output for n in layer_names] + [model.output]
-    return keras.Model(model.inputs, outputs)
-
-
-def check_images(model, images):
-    """Images as float32 (N, H, W, 3) at the model's input size; a clear ValueError otherwise."""
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 3:
-        images = images[None]
-    size = tuple(model.input_shape[1:3])
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != size:
-        raise ValueError(f"images must be (N, {size[0]}, {size[1]}, 3) RGB arrays in [0, 255], got {images.shape}")
-    return images
-
-
-def target_classes(class_index, probs):
-    """Target class per image: predicted (None), one int for all, or one int per image."""
-    n, num_classes = probs.shape
-    if class_index is None:
-        return probs.argmax(axis=1)
-    targets = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n,)) if np.ndim(class_index) == 0 \
-        else np.asarray(class_index, dtype=np.int64)
-    if targets.shape != (n,):
-        raise ValueError(f"class_index must be an int or {n} ints, got {len(targets)}")
-    if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"class index out of range 0..{num_classes - 1}")
-    return targets
-
-
-def normalise_maps(maps):
-    """Min-max normalise each (H, W) map to [0, 1]; a constant map becomes all zeros, never NaN."""
-    maps = np.asarray(maps, dtype=np.float32)
-    flat = maps.reshape(len(maps), -1)
-    low, high = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
-    span = high - low
-    out = np.where(span > 0, (flat - low) / np.where(span > 0, span, 1), 0)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).reshape(maps.shape).astype(np.float32)
-
-
-def upsample(activations, size):
-    """Bilinear (half-pixel, like PyTorch's align_corners=False) upsampling of (N, h, w, K) to size."""
-    up = keras.ops.image.resize(activations, size, interpolation="bilinear")
-    return np.asarray(keras.ops.convert_to_numpy(up), dtype=np.float32)
 
 
 def select_channels(activations, max_n):
@@ -95,44 +35,104 @@ def select_channels(activations, max_n):
     return np.argsort(-std, axis=1, kind="stable")[:, :max_n]
 
 
+# ---------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+AUTO_AGREEMENT = 0.999  # least Pearson r between the float32 and bfloat16 maps for "auto" to take bfloat16
+# "auto" measures only for calls of at least this many masked passes (images x channels); a smaller call
+# would spend longer measuring than explaining, and runs in float32. Streams are measured.
+AUTO_MIN_PASSES = 8192
+_timer = time.perf_counter  # tests stub it to force each outcome of "auto"
+
+
+def bfloat16_copy(model):
+    """A copy of `model` computing in bfloat16 (Keras "mixed_bfloat16": float32 weights, bfloat16
+    maths); the scores are cast to float32 before the softmax. The user's model is never changed;
+    the copy is cached, and its weights re-synced on every call."""
+    def build():
+        def clone(layer):
+            config = layer.get_config()
+            if "dtype" in config and not isinstance(layer, keras.layers.InputLayer):
+                config["dtype"] = "mixed_bfloat16"
+            return layer.__class__.from_config(config)
+
+        try:
+            return keras.models.clone_model(model, clone_function=clone, recursive=True)
+        except Exception as e:  # subclassed models cannot be rebuilt from their config
+            raise ValueError(f"precision='bfloat16' needs a Functional or Sequential model "
+                             f"({type(e).__name__}: {e})") from None
+
+    copy = cam.derived(model, "bfloat16", build)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _device():
+    devices = keras.distribution.list_devices()
+    return devices[0] if devices else "cpu"
+
+
+def auto_precision(model, layers, images, batch_size=256):
+    """What precision="auto" means for this model here: both precisions explain a couple of the
+    caller's images (after a warm-up call that compiles), timed; bfloat16 is chosen only where it
+    is faster and its maps agree with float32's (Pearson r >= AUTO_AGREEMENT on every map) with the
+    same top classes. Measured once per model, device, backend and input shape in this process;
+    returns {"choice", "images_per_s": {precision: speed}, "min_pearson_r", "top_class_equal"}."""
+    images = np.asarray(images, dtype=np.float32)[:2]
+    key = ("auto_precision", _device(), keras.backend.backend(), images.shape[1:])
+
+    def measure():
+        speed, maps, probs = {}, {}, {}
+        for precision in ("float32", "bfloat16"):
+            try:
+                score_cam_layers(model, images, layers, batch_size=batch_size, precision=precision)  # compiles
+                start = _timer()
+                maps[precision], probs[precision] = score_cam_layers(model, images, layers, batch_size=batch_size,
+                                                                     precision=precision)
+                speed[precision] = len(images) / max(_timer() - start, 1e-9)
+            except ValueError:  # no bfloat16 copy of this model
+                return {"choice": "float32", "images_per_s": speed, "min_pearson_r": None, "top_class_equal": None}
+        r = min(float(cam.pearson(maps["float32"][k], maps["bfloat16"][k]).min()) for k in maps["float32"])
+        same = bool((probs["float32"].argmax(1) == probs["bfloat16"].argmax(1)).all())
+        faster = speed["bfloat16"] > speed["float32"]
+        return {"choice": "bfloat16" if faster and same and r >= AUTO_AGREEMENT else "float32",
+                "images_per_s": speed, "min_pearson_r": r, "top_class_equal": same}
+
+    return cam.derived(model, key, measure)
+
+
+def resolve_precision(precision, model=None, layers=None, images=None, batch_size=256, passes=None):
+    """'float32' or 'bfloat16' for a precision option. "auto" is auto_precision's measured choice for
+    a call of `passes` masked passes (None: a stream, of unknown length), and float32 when there are
+    no images to measure on or fewer passes than AUTO_MIN_PASSES."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision != "auto":
+        return precision
+    if model is None or images is None or len(images) == 0 or (passes is not None and passes < AUTO_MIN_PASSES):
+        return "float32"
+    return auto_precision(model, layers, images, batch_size)["choice"]
+
+
 # ---------------------------------------------------------------- the compiled core
 #
 # Score-CAM costs one forward pass per (image, channel) pair plus one activation pass per image; the
 # fast path keeps the network busy with full batches of masked images and does the rest in the graph:
-#   1. the activation model runs once per chunk of images (a compiled Keras predict step);
-#   2. the (image, channel) pairs whose channel varies are queued, across chunks and input batches,
-#      and consumed `batch_size` at a time by MaskedScores, one compiled graph that upsamples each
-#      pair's low-resolution channel, min-max normalises it, masks its image, runs the network and
+#   1. the explainable graph (cam.explainable) runs once per chunk of images;
+#   2. the (image, channel) pairs whose channel varies are queued per layer, across chunks and input
+#      batches, and consumed `batch_size` at a time by MaskedScores, one compiled graph that upsamples
+#      each pair's low-resolution channel, min-max normalises it, masks its image, runs the network and
 #      picks the target probability; only the low-resolution channel, the few distinct images and
 #      two int32 indices cross from the host, never a batch of masks;
-#   3. a chunk's map is ReLU(upsample(sum_k w_k A_k)) (bilinear resizing is linear, so summing at the
-#      layer's resolution first is the same map), min-max normalised.
+#   3. pairs are scored in the order they were queued, so chunks finish in order: a chunk is finished
+#      once every layer has scored as many pairs as had been queued when the chunk was added (the one
+#      completion rule); its map is ReLU(upsample(sum_k w_k A_k)), min-max normalised, and an input
+#      batch comes out with its last chunk.
 # Everything is keras.ops, so the graph runs wherever the backend puts it (the GPU when there is one).
 # Only full batches run until the input ends; the tail is cut into power-of-two batches (padded to at
 # least 16), so a compiler that specialises on shapes (XLA, JAX) compiles a handful of programs.
 
-PRECISIONS = ("auto", "float32", "bfloat16")
-# What "auto" means. bfloat16 is used only where it was measured both faster than float32 and in
-# agreement with it (bench.py measures both). On the 2-core Xeon (avx512_bf16, no AMX) it was
-# slower than float32, and no GPU has been measured yet, so "auto" is float32 everywhere for now.
-AUTO_PRECISION = "float32"
 _TAIL_MIN = 16
-_CACHE_MODELS = 4
-_cache = collections.OrderedDict()  # id(model) -> (model, {key: derived model}), the most recent few
-
-
-def _derived(model, key, build):
-    """A model derived from `model` (activation model, compiled masked-scores graph, bfloat16 copy),
-    built once and reused so that each is traced/compiled once, not on every call."""
-    entry = _cache.get(id(model))
-    if entry is None or entry[0] is not model:
-        entry = _cache[id(model)] = (model, {})
-    _cache.move_to_end(id(model))
-    while len(_cache) > _CACHE_MODELS:
-        _cache.popitem(last=False)
-    if key not in entry[1]:
-        entry[1][key] = build()
-    return entry[1][key]
 
 
 class MaskedScores(keras.Model):
@@ -140,9 +140,9 @@ class MaskedScores(keras.Model):
     class on image * mask, the mask being the pair's channel upsampled bilinearly to the input size
     and min-max normalised; 0 for a constant channel (the reference skips those).
 
-    Inputs: images (U, H, W, 3) float32, the distinct images of the pairs; acts (P, h, w) float32,
+    Inputs: images (U, H, W, C) float32, the distinct images of the pairs; acts (P, h, w) float32,
     each pair's channel at the layer's resolution; index (P,) int32, the pair's row in images;
-    target (P,) int32, the class to score. Output: (P,) float32.
+    target (P,) int32, the class to score. Output: (P,) float32. `net` is cam.explainable(model).
     """
 
     def __init__(self, net, size, **kwargs):
@@ -158,47 +158,9 @@ class MaskedScores(keras.Model):
         span = ops.max(up, axis=(1, 2, 3), keepdims=True) - low
         varies = span > 0
         masks = ops.where(varies, (up - low) / ops.where(varies, span, ops.ones_like(span)), ops.zeros_like(up))
-        probs = ops.cast(self.net(ops.take(images, index, axis=0) * masks, training=False), "float32")
+        probs = self.net(ops.take(images, index, axis=0) * masks, training=False)[-1]
         scores = ops.take_along_axis(probs, ops.expand_dims(target, -1), axis=1)[:, 0]
         return ops.where(ops.reshape(varies, (-1,)), scores, ops.zeros_like(scores))
-
-
-def resolve_precision(precision):
-    """'float32' or 'bfloat16' for a precision option ('auto' is AUTO_PRECISION)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    return AUTO_PRECISION if precision == "auto" else precision
-
-
-def bfloat16_copy(model):
-    """A copy of `model` computing in bfloat16 (Keras "mixed_bfloat16": float32 weights, bfloat16
-    maths) except its output layers, which keep their dtype so probabilities stay float32. The
-    user's model is never changed; the copy is cached, and its weights re-synced on every call."""
-    def build():
-        keep = set()
-        for tensor in model.outputs:
-            history = getattr(tensor, "_keras_history", None)
-            keep.add(history.operation.name if history else model.layers[-1].name)
-
-        def clone(layer):
-            config = layer.get_config()
-            if layer.name not in keep and "dtype" in config:
-                config["dtype"] = "mixed_bfloat16"
-            return layer.__class__.from_config(config)
-
-        try:
-            return keras.models.clone_model(model, clone_function=clone, recursive=True)
-        except Exception as e:  # subclassed models cannot be rebuilt from their config
-            raise ValueError(f"precision='bfloat16' needs a Functional or Sequential model "
-                             f"({type(e).__name__}: {e})") from None
-
-    copy = _derived(model, "bfloat16", build)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def _forward_model(model, precision):
-    return bfloat16_copy(model) if resolve_precision(precision) == "bfloat16" else model
 
 
 def _tail_sizes(count, batch_size):
@@ -216,110 +178,104 @@ def _tail_sizes(count, batch_size):
     return sizes
 
 
-class _Chunk:
-    """Images explained together: their activations, targets and weights until every pair is scored."""
-
-    def __init__(self, part, start, x, acts, targets, channels):
-        self.part, self.start, self.x, self.acts, self.targets = part, start, x, acts, targets
-        self.weights = {name: np.zeros((len(x), a.shape[-1]), dtype=np.float32) for name, a in acts.items()}
-        self.pairs = {}
-        for name, a in acts.items():
-            flat = a.reshape(len(a), -1, a.shape[-1])
-            chosen = flat.max(axis=1) > flat.min(axis=1)  # constant channels get weight 0
-            if channels is not None:
-                keep = np.zeros_like(chosen)
-                np.put_along_axis(keep, channels(a), True, axis=1)
-                chosen &= keep
-            self.pairs[name] = np.nonzero(chosen)  # image-major order
-        self.left = sum(len(img) for img, _ in self.pairs.values())
-
-
-class _Part:
-    """One input batch: its output arrays, and how many of its chunks are still being scored."""
-
-    def __init__(self, names, n, size, num_classes):
-        self.maps = {name: np.zeros((n,) + size, dtype=np.float32) for name in names}
-        self.maps[None] = np.zeros((n, num_classes), dtype=np.float32)
-        self.chunks_left = 0
-        self.queued = False  # every chunk handed to the scorer
+# A chunk of images in flight: `out` is its input batch's (maps, probabilities), `rows` its rows there;
+# pairs[layer] = (image, channel) index arrays, image-major; ends[layer] = pairs queued up to and
+# including this chunk's; `last`: the batch's last chunk.
+_Chunk = collections.namedtuple("_Chunk", "out rows x acts targets pairs ends last")
 
 
 class _Explainer:
-    """Streams (images, class_index) parts through the activation model and the masked-scores graph."""
+    """Streams (images, class_index) batches through the explainable graph and the masked-scores graph."""
 
     def __init__(self, model, layers, batch_size, max_n, precision, chunk=None):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.net = _forward_model(model, precision)
-        self.names = [conv_layer(model, name).name for name in (layers if layers is not None else [None])]
-        self.names = list(dict.fromkeys(self.names))
-        self.size = tuple(model.input_shape[1:3])
-        self.num_classes = model.output_shape[-1]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int of at least 1, got {batch_size!r}")
+        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer))):
+            raise ValueError(f"max_n must be None or an int, got {max_n!r}")
+        refs = {ref.path: ref for ref in (cam.find_layer(model, layer) for layer in layers)}
+        self.names = ["/".join(path) for path in refs]
+        self.net = bfloat16_copy(model) if precision == "bfloat16" else model
+        net_refs = [cam.at_path(self.net, path) for path in refs]
+        self.tapped = cam.explainable_cached(self.net, net_refs)
+        self.classes = cam.num_classes(model)
+        self.model = model
         self.batch_size = int(batch_size)
-        self.max_n = max_n if max_n and max_n > 0 else None
-        self.acts_model = _derived(self.net, ("activations", tuple(self.names)),
-                                   lambda: activation_model(self.net, self.names))
-        self.scorer = _derived(self.net, ("masked_scores", self.size), lambda: MaskedScores(self.net, self.size))
-        per_image = max(int(self.net.get_layer(n).output.shape[-1]) for n in self.names)
+        self.max_n = int(max_n) if max_n and max_n > 0 else None
+        per_image = max(int(t.shape[-1]) for t in self.tapped.outputs[:-2])
         per_image = min(per_image, self.max_n or per_image)
         self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // per_image)
-        self.queue = {name: collections.deque() for name in self.names}  # [chunk, img, ch, position]
-        self.pending = {name: 0 for name in self.names}
-        self.parts = collections.deque()
+        self.size = None  # the images' (H, W): one per explainer
+        self.queue = {name: collections.deque() for name in self.names}  # [chunk, pairs taken] in queue order
+        self.queued = dict.fromkeys(self.names, 0)  # pairs queued, ever
+        self.scored = dict.fromkeys(self.names, 0)  # pairs scored, ever
+        self.scores = {name: collections.deque() for name in self.names}  # scores not yet used, in order
+        self.in_flight = collections.deque()
 
     def explain(self, parts):
-        """Yield {layer: maps (n, H, W), None: probabilities (n, C)} for each (images, class_index)."""
+        """Yield (maps {layer: (n, H, W)}, probabilities (n, C)) for each (images, class_index)."""
         for images, class_index in parts:
-            images = check_images(self.net, images)
-            part = _Part(self.names, len(images), self.size, self.num_classes)
-            self.parts.append(part)
-            for start in range(0, len(images), self.chunk):
-                classes = class_index if np.ndim(class_index) == 0 else \
-                    np.asarray(class_index)[start:start + self.chunk]
-                self._add_chunk(part, start, images[start:start + self.chunk], classes)
+            images = cam.check_images(self.model, images)
+            if self.size is None:
+                self.size = images.shape[1:3]
+            elif images.shape[1:3] != self.size and len(images):
+                raise ValueError(f"all images of one call must share a size: {self.size} and {images.shape[1:3]}")
+            n = len(images)
+            if np.ndim(class_index) and len(class_index) != n:
+                raise ValueError(f"class_index must be an int or {n} ints, got {len(class_index)}")
+            out = ({name: np.zeros((n,) + tuple(images.shape[1:3]), np.float32) for name in self.names},
+                   np.zeros((n, self.classes), np.float32))
+            for start in range(0, max(n, 1), self.chunk):
+                rows = slice(start, min(n, start + self.chunk))
+                classes = class_index if np.ndim(class_index) == 0 else np.asarray(class_index)[rows]
+                self._add(out, rows, images[rows], classes, last=rows.stop >= n)
                 for name in self.names:
-                    while self.pending[name] >= self.batch_size:
+                    while self.queued[name] - self.scored[name] >= self.batch_size:
                         self._score(name, self.batch_size, self.batch_size)
-            part.queued = True
-            yield from self._finished()
+                yield from self._finished()
         for name in self.names:
-            for take, run in _tail_sizes(self.pending[name], self.batch_size):
+            for take, run in _tail_sizes(self.queued[name] - self.scored[name], self.batch_size):
                 self._score(name, take, run)
         yield from self._finished()
 
-    def _finished(self):
-        while self.parts and self.parts[0].queued and self.parts[0].chunks_left == 0:
-            yield self.parts.popleft().maps
-
-    def _add_chunk(self, part, start, x, classes):
-        *acts, probs = self.acts_model.predict_on_batch(x)
-        probs = np.asarray(probs, dtype=np.float32)
-        targets = target_classes(classes, probs)
-        part.maps[None][start:start + len(x)] = probs
-        acts = {name: np.asarray(a, dtype=np.float32) for name, a in zip(self.names, acts)}
-        channels = (lambda a: select_channels(a, self.max_n)) if self.max_n else None
-        chunk = _Chunk(part, start, x, acts, targets.astype(np.int32), channels)
-        part.chunks_left += 1
-        if chunk.left == 0:
-            self._finish(chunk)
-        for name, (img, ch) in chunk.pairs.items():
-            if len(img):
-                self.queue[name].append([chunk, img, ch, 0])
-                self.pending[name] += len(img)
+    def _add(self, out, rows, x, classes, last):
+        acts, pairs, ends, targets = {}, {}, {}, np.zeros(0, np.int32)
+        if len(x):
+            *layer_acts, _, probs = self.tapped.predict_on_batch(x)
+            probs = np.asarray(probs, dtype=np.float32)
+            targets = cam.target_classes(classes, probs).astype(np.int32)
+            out[1][rows] = probs
+            for name, a in zip(self.names, layer_acts):
+                a = np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                flat = a.reshape(len(a), -1, a.shape[-1])
+                chosen = flat.max(axis=1) > flat.min(axis=1)  # constant channels get weight 0
+                if self.max_n:
+                    keep = np.zeros_like(chosen)
+                    np.put_along_axis(keep, select_channels(a, self.max_n), True, axis=1)
+                    chosen &= keep
+                acts[name], pairs[name] = a, np.nonzero(chosen)
+        for name in self.names:
+            pairs.setdefault(name, (np.zeros(0, np.int64),) * 2)
+            self.queued[name] += len(pairs[name][0])
+            ends[name] = self.queued[name]
+        chunk = _Chunk(out, rows, x, acts, targets, pairs, ends, last)
+        for name in self.names:
+            if len(pairs[name][0]):
+                self.queue[name].append([chunk, 0])
+        self.in_flight.append(chunk)
 
     def _score(self, name, take, run):
         """Score the next `take` queued pairs of layer `name` in one batch of `run` >= take."""
         pieces, need, queue = [], take, self.queue[name]
         while need:
             entry = queue[0]
-            chunk, img, ch, pos = entry
+            chunk, pos = entry
+            img, ch = chunk.pairs[name]
             n = min(need, len(img) - pos)
             pieces.append((chunk, img[pos:pos + n], ch[pos:pos + n]))
-            entry[3] += n
+            entry[1] += n
             need -= n
-            if entry[3] == len(img):
+            if entry[1] == len(img):
                 queue.popleft()
-        self.pending[name] -= take
         images, acts, index, target, rows = [], [], [], [], 0
         for chunk, img, ch in pieces:
             lo, hi = int(img[0]), int(img[-1]) + 1
@@ -336,47 +292,42 @@ class _Explainer:
         idx, tgt = np.zeros(run, dtype=np.int32), np.zeros(run, dtype=np.int32)
         np.concatenate(index, out=idx[:take], casting="unsafe")
         np.concatenate(target, out=tgt[:take])
-        scores = np.asarray(self.scorer.predict_on_batch((x, a, idx, tgt)), dtype=np.float32)[:take]
-        done = 0
-        for chunk, img, ch in pieces:
-            chunk.weights[name][img, ch] = scores[done:done + len(img)]
-            done += len(img)
-            chunk.left -= len(img)
-            if chunk.left == 0:
-                self._finish(chunk)
+        scorer = cam.derived(self.net, ("masked_scores", tuple(self.size)),
+                             lambda: MaskedScores(cam.explainable_cached(self.net), self.size))
+        self.scores[name].append(np.asarray(scorer.predict_on_batch((x, a, idx, tgt)), dtype=np.float32)[:take])
+        self.scored[name] += take
+
+    def _finished(self):
+        """The input batches whose chunks are all finished, in order (the completion rule above)."""
+        while self.in_flight and all(self.scored[n] >= self.in_flight[0].ends[n] for n in self.names):
+            chunk = self.in_flight.popleft()
+            self._finish(chunk)
+            if chunk.last:
+                yield chunk.out
 
     def _finish(self, chunk):
-        """The chunk's maps, from its weights; frees its activations."""
-        part, rows = chunk.part, slice(chunk.start, chunk.start + len(chunk.x))
-        for name, a in chunk.acts.items():
-            low_res = np.einsum("nhwk,nk->nhw", a, chunk.weights[name])
-            part.maps[name][rows] = normalise_maps(np.maximum(upsample(low_res[..., None], self.size)[..., 0], 0))
-        chunk.acts = chunk.x = None
-        part.chunks_left -= 1
+        for name in self.names:
+            img, ch = chunk.pairs[name]
+            if not len(chunk.x):
+                continue
+            a = chunk.acts[name]
+            weights = np.zeros((len(a), a.shape[-1]), dtype=np.float32)
+            weights[img, ch] = self._take_scores(name, len(img))
+            chunk.out[0][name][chunk.rows] = cam.finish_maps(cam.weighted_sum(a, weights), self.size,
+                                                             relu_first=False)
 
-
-def channel_weights(model, images, upsampled, targets, batch_size, channels=None):
-    """w[i, k]: probability of class targets[i] for images[i] * mask_k, masks made from `upsampled`
-    (N, H, W, K); constant channels get weight 0 and are never sent through the net. (score_cam
-    passes the layer's low-resolution activations instead; this is the same graph at full size.)"""
-    images = check_images(model, images)
-    n, _, _, k = upsampled.shape
-    chosen = np.asarray(upsampled).reshape(n, -1, k)
-    chosen = chosen.max(axis=1) > chosen.min(axis=1)
-    if channels is not None:
-        keep = np.zeros_like(chosen)
-        np.put_along_axis(keep, np.asarray(channels), True, axis=1)
-        chosen &= keep
-    img, ch = np.nonzero(chosen)
-    scorer = _derived(model, ("masked_scores", tuple(model.input_shape[1:3])),
-                      lambda: MaskedScores(model, model.input_shape[1:3]))
-    weights = np.zeros((n, k), dtype=np.float32)
-    targets = np.asarray(targets, dtype=np.int32)
-    for start in range(0, len(img), batch_size):
-        i, c = img[start:start + batch_size], ch[start:start + batch_size]
-        a = np.asarray(upsampled[i, :, :, c], dtype=np.float32)
-        weights[i, c] = scorer.predict_on_batch((images, a, i.astype(np.int32), targets[i]))
-    return weights
+    def _take_scores(self, name, count):
+        """The next `count` scores of layer `name`, in the order their pairs were queued."""
+        taken, pending = [], self.scores[name]
+        while count:
+            first = pending[0]
+            taken.append(first[:count])
+            if len(first) > count:
+                pending[0] = first[count:]
+            else:
+                pending.popleft()
+            count -= len(taken[-1])
+        return np.concatenate(taken) if taken else np.zeros(0, np.float32)
 
 
 def _parts(batches, class_index):
@@ -396,11 +347,26 @@ def _parts(batches, class_index):
             yield images, class_index
 
 
+def _first_batch(batches):
+    """(the first batch's images, an iterator giving every batch again)."""
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return None, iter(())
+    images = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 and np.ndim(first[0]) == 4 else first
+
+    def again():
+        yield first
+        yield from iterator
+    return images, again()
+
+
 def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=256, max_n=None,
                      precision="auto", layers=None):
     """Score-CAM over any iterable of image batches (a generator, a list, a tf.data dataset's
     .as_numpy_iterator()): an iterator giving, for each batch in order, its maps (n, H, W) float32
-    in [0, 1] - or, when `layers` is given, {layer: maps, None: probabilities} as score_cam_layers.
+    in [0, 1] - or, when `layers` is given, (maps {layer: (n, H, W)}, probabilities (n, C)).
 
     The maps are score_cam's on each batch, whatever the batch sizes, but the masked images of
     consecutive batches share forward passes, so small batches cost no more than large ones. A
@@ -408,55 +374,57 @@ def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=25
     batch_size / K pictures after it. Memory holds the batches in flight and a few chunks, however
     long the stream. class_index: None (each image's predicted class), an int, or "labels" for
     (images, labels) batches. precision: "auto", "float32" or "bfloat16". Arguments are checked here,
-    before the first batch is read.
+    before the first batch is read, except that "auto" looks at the first batch.
     """
-    explainer = _Explainer(model, layers if layers is not None else [layer], batch_size, max_n, precision)
+    wanted = layers if layers is not None else [layer]
     if isinstance(class_index, str) and class_index != "labels":
         raise ValueError(f'class_index must be None, an int or "labels", got {class_index!r}')
-    maps = explainer.explain(_parts(batches, class_index))
-    return maps if layers is not None else (m[explainer.names[0]] for m in maps)
+    if precision == "auto":
+        first, batches = _first_batch(batches)
+        precision = resolve_precision(precision, model, wanted, None if first is None else
+                                      cam.check_images(model, first), batch_size)
+    explainer = _Explainer(model, wanted, batch_size, max_n, resolve_precision(precision))
+    results = explainer.explain(_parts(batches, class_index))
+    return results if layers is not None else (maps[explainer.names[0]] for maps, _ in results)
 
 
 def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None,
                      precision="auto"):
-    """Score-CAM maps of several conv layers from one activation pass: {layer: (N, H, W) float32 in [0, 1]}.
-
-    Also returns the predicted probabilities (N, C) as the key None. Images go in chunks so memory
-    stays bounded whatever N is.
-    """
-    explainer = _Explainer(model, layers, batch_size, max_n, precision, chunk)
-    images = check_images(model, images)
-    if np.ndim(class_index) and len(class_index) != len(images):  # the same message as one-shot target_classes
-        raise ValueError(f"class_index must be an int or {len(images)} ints, got {len(class_index)}")
+    """Score-CAM maps of several layers from one activation pass: (maps {layer path: (N, H, W)
+    float32 in [0, 1]}, the probabilities (N, C) that were explained). layers: names, paths or
+    Layers (None: the last conv layer). Images go in chunks so memory stays bounded whatever N is."""
+    layers = [None] if layers is None else list(layers)
+    images = cam.check_images(model, images)
+    if precision == "auto":
+        channels = sum(cam.explainable_cached(model, [cam.find_layer(model, layer)]).outputs[0].shape[-1]
+                       for layer in layers)
+        passes = len(images) * min(channels, max_n * len(layers) if max_n and max_n > 0 else channels)
+        precision = resolve_precision(precision, model, layers, images, batch_size, passes)
+    explainer = _Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk)
     return next(iter(explainer.explain([(images, class_index)])))
 
 
+@cam.register("scorecam", "Score-CAM")
 def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None, precision="auto"):
-    """Score-CAM maps (N, H, W) float32 in [0, 1] for images (N, H, W, 3) with pixels in [0, 255].
+    """Score-CAM maps (N, H, W) float32 in [0, 1] for images (N, H, W, C) as the model takes them.
 
-    layer: conv layer name (None: the last conv layer). class_index: None explains each image's
-    predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM, only the max_n
-    channels of largest spatial standard deviation. precision: "float32", "bfloat16" (a bfloat16
-    copy of the model does the forward passes) or "auto" (AUTO_PRECISION).
+    layer: a name, path or Layer (None: the last conv layer), see cam.find_layer. class_index: None
+    explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
+    only the max_n channels of largest spatial standard deviation. precision: "float32", "bfloat16"
+    (a bfloat16 copy of the model does the forward passes) or "auto" (measured: auto_precision).
     """
-    maps = score_cam_layers(model, images, [layer], class_index, batch_size, max_n, precision=precision)
-    return next(v for k, v in maps.items() if k is not None)
+    maps, _ = score_cam_layers(model, images, [layer], class_index, batch_size, max_n, precision=precision)
+    return next(iter(maps.values()))
 
 
-# ---------------------------------------------------------------- overlays and the command line
+@cam.register("faster_scorecam", "Faster-Score-CAM (16 ch.)")
+def faster_score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=16, precision="auto"):
+    """Faster-Score-CAM (Desai & Ramaswamy's channel selection as in the Score-CAM authors' repository):
+    Score-CAM on the max_n channels of largest spatial standard deviation."""
+    return score_cam(model, images, layer, class_index, batch_size, max_n, precision)
 
-def colorize(cam):
-    """A [0, 1] map as an RGB uint8 jet heatmap (OpenCV colormap)."""
-    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255 + 0.5), cv2.COLORMAP_JET)
-    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
-
-def overlay(image, cam, alpha=0.45):
-    """Blend the heatmap over an RGB uint8 image of any size (the map is resized to it)."""
-    h, w = image.shape[:2]
-    cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
-    return cv2.addWeighted(colorize(cam), alpha, np.ascontiguousarray(image, dtype=np.uint8), 1 - alpha, 0)
-
+# ---------------------------------------------------------------- the command line
 
 def demo_image():
     """scikit-image's bundled cat photo, so the demo needs no download."""
@@ -475,37 +443,72 @@ def parse_class(value, class_names):
     raise ValueError(f"unknown --class {value!r}; classes: {', '.join(class_names)}")
 
 
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def output_path(out, source, many, suffix):
+    """--out for one picture names the file (PNG or JPEG); else it is a folder."""
     out = Path(out)
-    if not many and out.suffix.lower() == ".png":
+    if not many and out.suffix.lower() in FIGURE_SUFFIXES:
         return out
     return out / f"{Path(source).stem}_{suffix}.png"
 
 
+def model_input(model, image):
+    """A picture (H, W, 3) uint8 as the model's input (1, H', W', C) float32: resized to the model's
+    size (kept where the model takes any size), greyscale for a one-channel model."""
+    import cv2
+
+    from data.images import resize
+
+    height, width, channels = cam.input_spec(model)
+    x = resize(image, (height or image.shape[0], width or image.shape[1]))
+    if channels == 1:
+        x = cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY)[..., None]
+    elif channels != 3:
+        raise ValueError(f"the model takes {channels}-channel images; the command line reads RGB pictures "
+                         "(use the Python API)")
+    return x[None].astype(np.float32)
+
+
+def explain_maps(model, x, layers, target, args):
+    """({layer: maps}, probabilities) of the chosen method for the layers."""
+    method = cam.METHODS[args.method]
+    if method.function in (score_cam, faster_score_cam):
+        max_n = args.max_n if args.max_n is not None else (16 if method.function is faster_score_cam else None)
+        return score_cam_layers(model, x, layers, target, args.batch_size, max_n, precision=args.precision)
+    maps = {cam.path_name(cam.find_layer(model, layer)): method.function(model, x, layer, target)
+            for layer in layers}
+    return maps, cam.predict_probabilities(model, x)
+
+
 def explain_file(model, names, display, image, source, args):
     """Compute and draw the figure for one picture; returns the written path."""
-    from data.images import resize
-    from plots import layer_grid_figure, single_layer_figure
+    from plots import layer_grid_figure, overlay, single_layer_figure
 
-    x = resize(image, tuple(model.input_shape[1:3]))[None].astype(np.float32)
+    x = model_input(model, image)
+    shown = np.clip(x[0], 0, 255).astype(np.uint8)
+    shown = np.repeat(shown, 3, axis=-1) if shown.shape[-1] == 1 else shown
     target = parse_class(args.class_name, names)
-    layers = [c.name for c in model.layers if isinstance(c, CONV_TYPES)] if args.all_layers else [args.layer]
-    maps = score_cam_layers(model, x, layers, target, args.batch_size, args.max_n, precision=args.precision)
-    probs = maps.pop(None)[0]
+    layers = [cam.path_name(r) for r in cam.conv_layers(model)] if args.all_layers else [args.layer]
+    maps, probs = explain_maps(model, x, layers, target, args)
+    probs = probs[0]
     pred = int(probs.argmax())
     parent = Path(source).parent.name
     true = display[names.index(parent)] if parent in names else None
+    label = cam.METHODS[args.method].label
     if args.all_layers:
-        title = f"{display[pred]} - {true or '?'} : {probs[pred]:.2f}"
+        title = f"{display[pred]} - {true or '?'} : {probs[pred]:.2f} ({label})"
         path = output_path(args.out, source, args.many, "layers")
-        layer_grid_figure(x[0].astype(np.uint8), maps, title, path)
+        layer_grid_figure(shown, maps, title, path, label=label)
     else:
-        (layer, cam), = maps.items()
+        (layer, heat), = maps.items()
         title = f"predicted {display[pred]} ({probs[pred]:.2f})" + (f", true {true}" if true else "")
         if target is not None:
             title += f"; map for {display[target]} ({probs[target]:.2f})"
-        path = output_path(args.out, source, args.many, "scorecam")
-        single_layer_figure(image, x[0].astype(np.uint8), cam[0], overlay(image, cam[0]), f"{title}\n{layer}", path)
+        path = output_path(args.out, source, args.many, args.method.replace("_", ""))
+        single_layer_figure(image, shown, heat[0], overlay(image, heat[0]), f"{title}\n{label}, {layer}", path,
+                            label=label)
     return path
 
 
@@ -536,16 +539,19 @@ def explain_folder(model, names, args):
     from tqdm import tqdm
 
     from atomic import atomic_path
-    from data.images import ImageError, read_image, resize
+    from data.images import ImageError, read_image
+    from plots import overlay
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise ValueError(f"folder not found: {folder}")
     files, dest = _folder_files(folder, Path(args.out))
     target = parse_class(args.class_name, names)
-    size = tuple(model.input_shape[1:3])
+    height, width, _ = cam.input_spec(model)
+    if height is None or width is None:
+        raise ValueError("--folder needs a model with a fixed input size (pictures are explained in batches)")
     skipped, in_flight = [], collections.deque()
-    bar = tqdm(total=len(files), desc="Score-CAM", unit="img", mininterval=1)
+    bar = tqdm(total=len(files), desc=cam.METHODS[args.method].label, unit="img", mininterval=1)
 
     def batches():
         paths, pictures = [], []
@@ -558,16 +564,21 @@ def explain_folder(model, names, args):
                 bar.update(1)
             if paths and (len(paths) == args.read_batch or n == len(files)):
                 in_flight.append((paths, pictures))  # the originals of the batches in flight, no more
-                yield np.stack([resize(p, size) for p in pictures]).astype(np.float32)
+                yield np.concatenate([model_input(model, p) for p in pictures])
                 paths, pictures = [], []
 
+    method = cam.METHODS[args.method].function
+    if method in (score_cam, faster_score_cam):
+        max_n = args.max_n if args.max_n is not None else (16 if method is faster_score_cam else None)
+        results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, max_n, args.precision)
+    else:
+        results = (method(model, x, args.layer, target) for x in batches())
     written = 0
     try:
-        for maps in score_cam_stream(model, batches(), args.layer, target, args.batch_size, args.max_n,
-                                     args.precision):
-            for path, picture, cam in zip(*in_flight.popleft(), maps):
+        for maps in results:
+            for path, picture, heat in zip(*in_flight.popleft(), maps):
                 with atomic_path(dest[path]) as tmp:
-                    Image.fromarray(overlay(picture, cam)).save(tmp, format="PNG")
+                    Image.fromarray(overlay(picture, heat)).save(tmp, format="PNG")
                 written += 1
                 bar.update(1)
     finally:
@@ -575,21 +586,35 @@ def explain_folder(model, names, args):
     return written, skipped
 
 
+def method_name(value):
+    """--method: a registry name, with '-' for '_' (faster-scorecam)."""
+    name = value.replace("-", "_")
+    if name not in cam.METHODS or cam.METHODS[name].floor:
+        choices = [n.replace("_", "-") for n, m in cam.METHODS.items() if not m.floor]
+        raise argparse.ArgumentTypeError(f"unknown method {value!r}; choose from {', '.join(choices)}")
+    return name
+
+
 def main(argv=None):
+    import gradcam  # noqa: F401  (registers the gradient methods for --method)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (none: scikit-image's cat, a demo)")
     p.add_argument("--folder", metavar="DIR", help="explain every picture under DIR (recursively): one overlay "
                    "PNG each in --out, same subfolders; unreadable files are skipped and counted")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="a .keras model (default: the shipped CIFAR-10 one)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--layer", help="conv layer to explain (default: the last one)")
+    group.add_argument("--layer", help="layer to explain: a name, or a path outer/inner inside nested models; "
+                       "any layer with a 4-D output (default: the last conv layer)")
     group.add_argument("--all-layers", action="store_true", help="one heatmap per conv layer, in one figure")
+    p.add_argument("--method", type=method_name, default="scorecam",
+                   help="scorecam (default), faster-scorecam, gradcam, gradcampp or layercam")
     p.add_argument("--class", dest="class_name", metavar="NAME_OR_INDEX", help="class to explain (default: predicted)")
-    p.add_argument("--out", default="out", help="output PNG (one image) or folder (default: %(default)s/)")
+    p.add_argument("--out", default="out", help="output PNG or JPEG (one image) or folder (default: %(default)s/)")
     p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass")
     p.add_argument("--max-n", type=int, help="Faster-Score-CAM: use only the N most varying channels")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help=f"forward passes in float32 or bfloat16 (default: %(default)s = {AUTO_PRECISION})")
+                   help="forward passes in float32 or bfloat16 (default: %(default)s, measured on this machine)")
     p.add_argument("--read-batch", type=int, default=16, help="--folder: pictures read and explained together")
     args = p.parse_args(argv)
     if args.folder and (args.images or args.all_layers):
@@ -603,7 +628,7 @@ def main(argv=None):
     try:
         model, names, display = load_model(args.model)
         parse_class(args.class_name, names)
-        conv_layer(model, args.layer)
+        cam.find_layer(model, args.layer)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.folder:

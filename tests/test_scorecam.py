@@ -3,7 +3,8 @@ import keras
 import numpy as np
 import pytest
 
-from scorecam import conv_layer, normalise_maps, score_cam, score_cam_layers, upsample
+from cam import find_layer, normalise_maps, upsample
+from scorecam import score_cam, score_cam_layers
 
 
 def colour_model(size=8, pool=False):
@@ -90,7 +91,7 @@ def test_low_resolution_layer_is_upsampled_bilinearly_like_align_corners_false()
 
 def test_default_layer_is_the_last_conv_and_default_class_the_predicted_one():
     model = colour_model(pool=True)
-    assert conv_layer(model).name == "conv_low"
+    assert find_layer(model).path == ("conv_low",)
     x = red_square()
     np.testing.assert_array_equal(score_cam(model, x), score_cam(model, x, layer="conv_low", class_index=0))
 
@@ -133,10 +134,10 @@ def test_all_layers_from_one_call_equal_single_layer_calls(tiny_model_path):
 
     model, _, _ = load_model(tiny_model_path)
     x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    maps = score_cam_layers(model, x, ["block1_conv1", "block4_conv3"])
-    assert set(maps) == {"block1_conv1", "block4_conv3", None}
+    maps, probs = score_cam_layers(model, x, ["block1_conv1", "block4_conv3"])
+    assert set(maps) == {"block1_conv1", "block4_conv3"}
     np.testing.assert_allclose(maps["block1_conv1"], score_cam(model, x, layer="block1_conv1"), atol=1e-5)
-    np.testing.assert_allclose(maps[None].sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
 
 
 def test_bad_arguments_are_clear_errors(tiny_model_path):
@@ -146,7 +147,7 @@ def test_bad_arguments_are_clear_errors(tiny_model_path):
     x = np.zeros((1, 32, 32, 3), "float32")
     with pytest.raises(ValueError, match="no layer named 'nope'"):
         score_cam(model, x, layer="nope")
-    with pytest.raises(ValueError, match="not a convolutional layer"):
+    with pytest.raises(ValueError, match="needs a 4-D"):
         score_cam(model, x, layer="fc1")
     with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
         score_cam(model, np.zeros((1, 64, 64, 3)))

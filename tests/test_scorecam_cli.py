@@ -40,7 +40,7 @@ def test_single_output_file_all_layers_and_class(tmp_path, tiny_model_path):
 def test_unknown_layer_unknown_class_and_bad_model(tmp_path, tiny_model_path):
     image = picture(tmp_path)
     for extra, message in ((["--layer", "nope"], "no layer named 'nope'"),
-                           (["--layer", "fc1"], "not a convolutional layer"),
+                           (["--layer", "fc1"], "needs a 4-D"),
                            (["--class", "unicorn"], "unknown --class 'unicorn'")):
         r = run_cli("scorecam.py", image, "--model", tiny_model_path, "--out", tmp_path / "o", *extra)
         assert r.returncode == 1 and message in r.stderr
