@@ -498,7 +498,8 @@ def explain_file(model, names, display, image, source, args):
     true = display[names.index(parent)] if parent in names else None
     label = cam.METHODS[args.method].label
     if args.all_layers:
-        title = f"{display[pred]} - {true or '?'} : {probs[pred]:.2f} ({label})"
+        title = f"{display[pred]} - {true or '?'} : {probs[pred]:.2f} ({label}"
+        title += f", map for {display[target]})" if target is not None else ")"
         path = output_path(args.out, source, args.many, "layers")
         layer_grid_figure(shown, maps, title, path, label=label)
     else:

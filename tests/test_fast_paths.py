@@ -163,3 +163,41 @@ def test_folder_cli_streams_pictures_and_counts_unreadable_files(tmp_path, tiny_
     assert r.returncode == 0 and (clean / "out" / "x_scorecam.png").is_file()
     r = run_cli("scorecam.py", "--folder", clean, "--out", clean / "out", "--model", tiny_model_path, "--max-n", "2")
     assert "wrote 1 overlay(s)" in r.stdout  # earlier outputs inside the folder are not inputs
+
+
+def fresh_model(seed):
+    """A new small model (auto's choice is remembered per model)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(keras.layers.Rescaling(1 / 255)(inp))
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x))
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("bf16_seconds,agreement,expected", [(0.5, 0.999, "bfloat16"), (2.0, 0.999, "float32"),
+                                                              (0.5, 1.01, "float32")])
+def test_auto_precision_measures_and_keeps_the_faster_agreeing_one(monkeypatch, bf16_seconds, agreement, expected):
+    """A stubbed timer forces each outcome: bfloat16 faster and agreeing; slower; faster but its maps
+    disagree (an agreement threshold no map can reach)."""
+    model = fresh_model({0.5: 11, 2.0: 12}[bf16_seconds] + int(agreement > 1))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    ticks = iter([0.0, 1.0, 0.0, bf16_seconds])  # float32 start, end; bfloat16 start, end
+    monkeypatch.setattr(scorecam, "_timer", lambda: next(ticks))
+    monkeypatch.setattr(scorecam, "AUTO_AGREEMENT", agreement)
+    monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)
+    auto = scorecam.auto_precision(model, [None], images)
+    assert auto["choice"] == expected
+    assert auto["images_per_s"]["float32"] == pytest.approx(2.0)
+    assert auto["images_per_s"]["bfloat16"] == pytest.approx(2 / bf16_seconds)
+    assert auto["min_pearson_r"] > 0.99 and auto["top_class_equal"]
+    # remembered for the process: the same call again reads no timer, and "auto" follows the choice
+    monkeypatch.setattr(scorecam, "_timer", lambda: pytest.fail("measured twice"))
+    np.testing.assert_array_equal(score_cam(model, images, precision="auto"),
+                                  score_cam(model, images, precision=expected))
+
+
+def test_auto_precision_runs_small_calls_in_float32_without_measuring(monkeypatch, small):
+    model, images = small
+    monkeypatch.setattr(scorecam, "_timer", lambda: pytest.fail("a small call was measured"))
+    assert scorecam.resolve_precision("auto", model, [None], images, passes=10) == "float32"
+    np.testing.assert_array_equal(score_cam(model, images[:2]), score_cam(model, images[:2], precision="float32"))

@@ -1,5 +1,6 @@
 """scorecam.py through a subprocess: outputs written, one-line errors, exit codes."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_cli, write_image
@@ -35,6 +36,63 @@ def test_single_output_file_all_layers_and_class(tmp_path, tiny_model_path):
                 "--class", "cat", "--out", target)
     assert r.returncode == 0, r.stderr
     assert target.is_file() and not list(tmp_path.glob(".fig*"))  # written atomically, nothing left behind
+
+
+def test_all_layers_and_class_draw_the_maps_of_that_class(tmp_path, tiny_model_path, monkeypatch):
+    """In-process, with the figure function captured: twelve layers, each the map of class 3 (cat)."""
+    import plots
+    import scorecam
+    from data.images import read_image
+    from model import load_model
+
+    drawn = {}
+    monkeypatch.setattr(plots, "layer_grid_figure", lambda image, maps, title, path, **kw: drawn.update(
+        maps=maps, title=title, path=path))
+    image = picture(tmp_path, size=(32, 32))
+    with pytest.raises(SystemExit) as done:
+        scorecam.main([str(image), "--model", str(tiny_model_path), "--all-layers", "--class", "cat",
+                       "--out", str(tmp_path / "f.png"), "--precision", "float32"])
+    assert done.value.code == 0
+    model, _, _ = load_model(tiny_model_path)
+    layers = [f"block{b}_conv{c}" for b in range(1, 5) for c in range(1, 4)]
+    expected, _ = scorecam.score_cam_layers(model, read_image(image)[None].astype("float32"), layers, class_index=3,
+                                            precision="float32")
+    assert list(drawn["maps"]) == layers and "map for cat" in drawn["title"]
+    for layer in layers:
+        np.testing.assert_allclose(drawn["maps"][layer], expected[layer], atol=1e-6)
+
+
+def nested_model_file(tmp_path):
+    """A Sequential holding a nested backbone and a logits head, saved with no class file."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input((24, 24, 3)), keras.layers.Rescaling(1 / 255),
+                                 keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="inner")],
+                                name="backbone")
+    model = keras.Sequential([keras.Input((24, 24, 3)), backbone, keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+    model.save(tmp_path / "own.keras")
+    return tmp_path / "own.keras"
+
+
+@pytest.mark.parametrize("method", ["faster-scorecam", "gradcampp"])
+def test_any_method_on_a_users_nested_model_writes_a_jpeg(tmp_path, method):
+    path = nested_model_file(tmp_path)
+    out = tmp_path / "figure.jpg"
+    r = run_cli("scorecam.py", picture(tmp_path), "--model", path, "--layer", "backbone/inner", "--class", "2",
+                "--method", method, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff" and Image.open(out).format == "JPEG"  # a file, not a folder
+    assert f"wrote {out}" in r.stdout
+
+
+def test_unknown_method_and_unknown_class_index_of_a_model_without_class_file(tmp_path):
+    path = nested_model_file(tmp_path)
+    r = run_cli("scorecam.py", picture(tmp_path), "--model", path, "--method", "magic")
+    assert r.returncode == 2 and "unknown method 'magic'" in r.stderr and "faster-scorecam" in r.stderr
+    r = run_cli("scorecam.py", picture(tmp_path), "--model", path, "--class", "7", "--out", tmp_path / "x.png")
+    assert r.returncode == 1 and "unknown --class '7'; classes: 0, 1, 2" in r.stderr
 
 
 def test_unknown_layer_unknown_class_and_bad_model(tmp_path, tiny_model_path):
