@@ -15,6 +15,34 @@ sys.path.insert(0, str(ROOT))
 import runtime  # noqa: E402,F401  (quiet TensorFlow start-up before keras)
 
 
+# The backend-sensitive subset, run a second time with KERAS_BACKEND=jax (README's test command):
+# module -> the tests to run there (None: all of them). Everything else is backend-neutral NumPy,
+# file handling or command-line plumbing already covered on TensorFlow.
+JAX_SUBSET = {
+    "test_model.py": None,
+    "test_scorecam.py": None,
+    "test_fast_paths.py": None,
+    "test_gradcam.py": None,
+    "test_any_model.py": None,
+    "test_signed_answers.py": None,
+    "test_train.py": ("resume", "kill"),
+    "test_scorecam_cli.py": ("good_missing", "nested_model"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"backend-neutral: runs on TensorFlow only ({keras.backend.backend()} runs "
+                                   "the backend-sensitive subset, tests/conftest.py JAX_SUBSET)")
+    for item in items:
+        wanted = JAX_SUBSET.get(item.path.name, ())
+        if wanted is not None and not any(part in item.name for part in wanted):
+            item.add_marker(skip)
+
+
 def shared_file(relative):
     """A file from ../shared, or skip: a user's clone has no ../shared, CI has it."""
     path = SHARED / relative
