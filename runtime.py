@@ -1,12 +1,18 @@
-"""Import Keras (TensorFlow backend) without TensorFlow's C++ start-up chatter on stderr.
+"""Import Keras quietly, on the backend KERAS_BACKEND names (tensorflow by default, or jax), and
+choose the devices to run on.
 
 Import this module before keras in every entry point. TensorFlow prints its oneDNN/CUDA notices
 from C++ before its logging is configured, so only silencing file descriptor 2 while it loads
-hides them; real import errors still raise normally.
+hides them; real import errors still raise normally. An unknown backend name ends the program
+with one `error:` line instead of Keras's traceback.
 """
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BACKENDS = ("tensorflow", "jax", "torch")  # torch: the gradient is written, but it is not tested in CI
+if os.environ.get("KERAS_BACKEND", "tensorflow") not in BACKENDS:
+    sys.exit(f"error: unknown KERAS_BACKEND {os.environ['KERAS_BACKEND']!r}; use tensorflow (the default) or jax")
 
 
 def _import_quietly():
@@ -23,3 +29,39 @@ def _import_quietly():
 
 
 _import_quietly()
+
+
+def resolve_devices(spec):
+    """The devices to run on for a --devices option: None or 1 (one device, Keras's default), an
+    int N (the first N), "all", or a list of device names ("cpu:0", "gpu:1"). Several devices
+    need the JAX backend (Keras's distribution API); a clear ValueError says what to change."""
+    import keras
+
+    present = keras.distribution.list_devices()
+    if spec is None:
+        return present[:1]
+    if isinstance(spec, str) and spec != "all":
+        try:
+            spec = int(spec)
+        except ValueError:
+            spec = [name.strip() for name in spec.split(",")]
+    several = spec == "all" and len(present) > 1 or isinstance(spec, (list, tuple)) and len(spec) > 1 or \
+        isinstance(spec, int) and spec > 1
+    if several and keras.backend.backend() != "jax":
+        raise ValueError(f"several devices need the JAX backend (Keras's distribution API): run with "
+                         f"KERAS_BACKEND=jax, or use one device (backend now: {keras.backend.backend()})")
+    if spec == "all":
+        chosen = present
+    elif isinstance(spec, (list, tuple)):
+        unknown = [d for d in spec if d not in present]
+        if unknown:
+            raise ValueError(f"unknown device(s) {', '.join(map(str, unknown))}; present: {', '.join(present)}")
+        chosen = list(spec)
+    elif isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
+        if spec > len(present):
+            raise ValueError(f"{spec} devices asked for, {len(present)} present ({', '.join(present)}); "
+                             f"pass --devices {len(present)} or all")
+        chosen = present[:spec]
+    else:
+        raise ValueError(f"devices must be a count of at least 1, 'all' or device names, got {spec!r}")
+    return chosen

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
+import runtime  # before keras: quiet TensorFlow start-up
 import keras
 import numpy as np
 
@@ -70,6 +70,24 @@ def bfloat16_copy(model):
 def _device():
     devices = keras.distribution.list_devices()
     return devices[0] if devices else "cpu"
+
+
+def replicated_copy(model, devices):
+    """A float32 copy of `model` whose weights are replicated on every device of a Keras DataParallel
+    distribution, and that distribution: batches given to it run sharded over the devices."""
+    distribution = keras.distribution.DataParallel(devices=list(devices))
+
+    def build():
+        with distribution.scope():
+            try:
+                return keras.models.clone_model(model, clone_function=lambda layer: layer.__class__.from_config(
+                    layer.get_config()), recursive=True)
+            except Exception as e:  # subclassed models cannot be rebuilt from their config
+                raise ValueError(f"devices= needs a Functional or Sequential model ({type(e).__name__}: {e})") from None
+
+    copy = cam.derived(model, ("replicated", tuple(devices)), build)
+    copy.set_weights(model.get_weights())
+    return copy, distribution
 
 
 def auto_precision(model, layers, images, batch_size=256):
@@ -163,9 +181,10 @@ class MaskedScores(keras.Model):
         return ops.where(ops.reshape(varies, (-1,)), scores, ops.zeros_like(scores))
 
 
-def _tail_sizes(count, batch_size):
+def _tail_sizes(count, batch_size, multiple=1):
     """(pairs taken, batch size run) for `count` leftover pairs: power-of-two batches, the last one
-    padded up to _TAIL_MIN, so shape-specialising compilers see few distinct shapes."""
+    padded up to _TAIL_MIN, so shape-specialising compilers see few distinct shapes; every run a
+    multiple of `multiple` (the devices a batch is sharded over)."""
     sizes = []
     while count > 0:
         if count >= batch_size:
@@ -175,7 +194,7 @@ def _tail_sizes(count, batch_size):
         else:
             sizes.append((count, min(_TAIL_MIN, batch_size)))
         count -= sizes[-1][0]
-    return sizes
+    return [(take, -(-run // multiple) * multiple) for take, run in sizes]
 
 
 # A chunk of images in flight: `out` is its input batch's (maps, probabilities), `rows` its rows there;
@@ -187,14 +206,24 @@ _Chunk = collections.namedtuple("_Chunk", "out rows x acts targets pairs ends la
 class _Explainer:
     """Streams (images, class_index) batches through the explainable graph and the masked-scores graph."""
 
-    def __init__(self, model, layers, batch_size, max_n, precision, chunk=None):
+    def __init__(self, model, layers, batch_size, max_n, precision, chunk=None, devices=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int of at least 1, got {batch_size!r}")
+        self.devices = runtime.resolve_devices(devices)
+        if batch_size % len(self.devices):
+            raise ValueError(f"batch_size {batch_size} does not divide evenly over {len(self.devices)} devices; "
+                             f"pass a multiple of {len(self.devices)}")
+        if len(self.devices) > 1 and precision == "bfloat16":
+            raise ValueError("devices= runs in float32; pass precision='float32' (or 'auto')")
         if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer))):
             raise ValueError(f"max_n must be None or an int, got {max_n!r}")
         refs = {ref.path: ref for ref in (cam.find_layer(model, layer) for layer in layers)}
         self.names = ["/".join(path) for path in refs]
-        self.net = bfloat16_copy(model) if precision == "bfloat16" else model
+        self.distribution = None
+        if len(self.devices) > 1:
+            self.net, self.distribution = replicated_copy(model, self.devices)
+        else:
+            self.net = bfloat16_copy(model) if precision == "bfloat16" else model
         net_refs = [cam.at_path(self.net, path) for path in refs]
         self.tapped = cam.explainable_cached(self.net, net_refs)
         self.classes = cam.num_classes(model)
@@ -233,7 +262,7 @@ class _Explainer:
                         self._score(name, self.batch_size, self.batch_size)
                 yield from self._finished()
         for name in self.names:
-            for take, run in _tail_sizes(self.queued[name] - self.scored[name], self.batch_size):
+            for take, run in _tail_sizes(self.queued[name] - self.scored[name], self.batch_size, len(self.devices)):
                 self._score(name, take, run)
         yield from self._finished()
 
@@ -294,7 +323,16 @@ class _Explainer:
         np.concatenate(target, out=tgt[:take])
         scorer = cam.derived(self.net, ("masked_scores", tuple(self.size)),
                              lambda: MaskedScores(cam.explainable_cached(self.net), self.size))
-        self.scores[name].append(np.asarray(scorer.predict_on_batch((x, a, idx, tgt)), dtype=np.float32)[:take])
+        if self.distribution is None:
+            scores = scorer.predict_on_batch((x, a, idx, tgt))
+        else:  # the pairs sharded over the devices, the few distinct images on every device
+            with self.distribution.scope():
+                shard = lambda v: keras.distribution.distribute_tensor(  # noqa: E731
+                    v, self.distribution.get_data_layout(v.shape))
+                whole = keras.distribution.TensorLayout([None] * x.ndim, self.distribution.device_mesh)
+                scores = scorer.predict_on_batch((keras.distribution.distribute_tensor(x, whole), shard(a),
+                                                  shard(idx), shard(tgt)))
+        self.scores[name].append(np.asarray(scores, dtype=np.float32)[:take])
         self.scored[name] += take
 
     def _finished(self):
@@ -363,7 +401,7 @@ def _first_batch(batches):
 
 
 def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=256, max_n=None,
-                     precision="auto", layers=None):
+                     precision="auto", layers=None, devices=None):
     """Score-CAM over any iterable of image batches (a generator, a list, a tf.data dataset's
     .as_numpy_iterator()): an iterator giving, for each batch in order, its maps (n, H, W) float32
     in [0, 1] - or, when `layers` is given, (maps {layer: (n, H, W)}, probabilities (n, C)).
@@ -373,47 +411,55 @@ def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=25
     batch comes out once its last masked images have been through the network, i.e. up to about
     batch_size / K pictures after it. Memory holds the batches in flight and a few chunks, however
     long the stream. class_index: None (each image's predicted class), an int, or "labels" for
-    (images, labels) batches. precision: "auto", "float32" or "bfloat16". Arguments are checked here,
-    before the first batch is read, except that "auto" looks at the first batch.
+    (images, labels) batches. precision: "auto", "float32" or "bfloat16". devices: as score_cam.
+    Arguments are checked here, before the first batch is read, except that "auto" looks at the first batch.
     """
     wanted = layers if layers is not None else [layer]
     if isinstance(class_index, str) and class_index != "labels":
         raise ValueError(f'class_index must be None, an int or "labels", got {class_index!r}')
+    if len(runtime.resolve_devices(devices)) > 1:
+        precision = "float32" if precision == "auto" else precision
     if precision == "auto":
         first, batches = _first_batch(batches)
         precision = resolve_precision(precision, model, wanted, None if first is None else
                                       cam.check_images(model, first), batch_size)
-    explainer = _Explainer(model, wanted, batch_size, max_n, resolve_precision(precision))
+    explainer = _Explainer(model, wanted, batch_size, max_n, resolve_precision(precision), devices=devices)
     results = explainer.explain(_parts(batches, class_index))
     return results if layers is not None else (maps[explainer.names[0]] for maps, _ in results)
 
 
 def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None,
-                     precision="auto"):
+                     precision="auto", devices=None):
     """Score-CAM maps of several layers from one activation pass: (maps {layer path: (N, H, W)
     float32 in [0, 1]}, the probabilities (N, C) that were explained). layers: names, paths or
     Layers (None: the last conv layer). Images go in chunks so memory stays bounded whatever N is."""
     layers = [None] if layers is None else list(layers)
     images = cam.check_images(model, images)
+    if len(runtime.resolve_devices(devices)) > 1:
+        precision = "float32" if precision == "auto" else precision
     if precision == "auto":
         channels = sum(cam.explainable_cached(model, [cam.find_layer(model, layer)]).outputs[0].shape[-1]
                        for layer in layers)
         passes = len(images) * min(channels, max_n * len(layers) if max_n and max_n > 0 else channels)
         precision = resolve_precision(precision, model, layers, images, batch_size, passes)
-    explainer = _Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk)
+    explainer = _Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices)
     return next(iter(explainer.explain([(images, class_index)])))
 
 
 @cam.register("scorecam", "Score-CAM")
-def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None, precision="auto"):
+def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None, precision="auto",
+              devices=None):
     """Score-CAM maps (N, H, W) float32 in [0, 1] for images (N, H, W, C) as the model takes them.
 
     layer: a name, path or Layer (None: the last conv layer), see cam.find_layer. class_index: None
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
     only the max_n channels of largest spatial standard deviation. precision: "float32", "bfloat16"
     (a bfloat16 copy of the model does the forward passes) or "auto" (measured: auto_precision).
+    devices: None (one device), a count, "all" or device names: the masked batches are sharded over
+    them with Keras's DataParallel distribution (JAX backend; batch_size a multiple of their number).
     """
-    maps, _ = score_cam_layers(model, images, [layer], class_index, batch_size, max_n, precision=precision)
+    maps, _ = score_cam_layers(model, images, [layer], class_index, batch_size, max_n, precision=precision,
+                               devices=devices)
     return next(iter(maps.values()))
 
 
@@ -571,7 +617,8 @@ def explain_folder(model, names, args):
     method = cam.METHODS[args.method].function
     if method in (score_cam, faster_score_cam):
         max_n = args.max_n if args.max_n is not None else (16 if method is faster_score_cam else None)
-        results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, max_n, args.precision)
+        results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, max_n, args.precision,
+                                   devices=args.devices)
     else:
         results = (method(model, x, args.layer, target) for x in batches())
     written = 0
@@ -617,6 +664,8 @@ def main(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="forward passes in float32 or bfloat16 (default: %(default)s, measured on this machine)")
     p.add_argument("--read-batch", type=int, default=16, help="--folder: pictures read and explained together")
+    p.add_argument("--devices", help="--folder with Score-CAM: shard the masked batches over N devices, 'all', "
+                   "or names cpu:0,cpu:1 (KERAS_BACKEND=jax; --batch-size a multiple of N)")
     args = p.parse_args(argv)
     if args.folder and (args.images or args.all_layers):
         p.error("--folder takes no IMAGE arguments and no --all-layers")
@@ -630,6 +679,13 @@ def main(argv=None):
         model, names, display = load_model(args.model)
         parse_class(args.class_name, names)
         cam.find_layer(model, args.layer)
+        if args.devices is not None:
+            if not args.folder:
+                raise ValueError("--devices works with --folder (many pictures); one picture runs on one device")
+            count = len(runtime.resolve_devices(args.devices))
+            if args.batch_size % count:
+                raise ValueError(f"--batch-size {args.batch_size} does not divide evenly over {count} devices; "
+                                 f"pass a multiple of {count}")
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.folder:
