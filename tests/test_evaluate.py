@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -26,14 +27,33 @@ def softmax_head(x, inp, classes=2):
     return keras.Model(inp, keras.layers.Activation("softmax", name="predictions")(x))
 
 
-def brightness_model(w=4.0):
-    """p(class 0) = sigmoid(w * mean pixel / 255): every pixel counts the same."""
-    inp = keras.Input((S, S, 3))
+def brightness_model(w=4.0, size=S, offset=0.0):
+    """p(class 0) = sigmoid(w * (mean pixel / 255 - offset)): every pixel counts the same."""
+    inp = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(1, 1, use_bias=False, name="conv")(inp)
     model = softmax_head(keras.layers.GlobalAveragePooling2D()(x), inp)
     model.get_layer("conv").set_weights([np.full((1, 1, 3, 1), 1 / (3 * 255), np.float32)])
-    model.get_layer("logits").set_weights([np.array([[w, 0.0]], np.float32), np.zeros(2, np.float32)])
+    model.get_layer("logits").set_weights([np.array([[w, 0.0]], np.float32), np.array([-w * offset, 0], np.float32)])
     return model
+
+
+def pixel_weight_model(weights, bias):
+    """logit of class 0 = sum of weights[i, j] x (pixel (i, j)'s mean over RGB / 255) + bias, class 1's
+    logit 0: p(class 0) = sigmoid(that). A linear read-out of chosen pixels, by hand."""
+    inp = keras.Input((S, S, 3))
+    x = keras.layers.Conv2D(1, 1, use_bias=False, name="conv")(inp)
+    model = softmax_head(keras.layers.Flatten()(x), inp)
+    model.get_layer("conv").set_weights([np.full((1, 1, 3, 1), 1 / (3 * 255), np.float32)])
+    kernel = np.zeros((S * S, 2), np.float32)
+    kernel[:, 0] = np.asarray(weights, np.float32).reshape(-1)
+    model.get_layer("logits").set_weights([kernel, np.array([bias, 0], np.float32)])
+    return model
+
+
+def pixel_weight_probability(weights, bias, images):
+    """pixel_weight_model's p(class 0), in numpy."""
+    grey = np.asarray(images, np.float64).mean(axis=-1) / 255
+    return sigmoid((grey * weights).sum(axis=(-2, -1)) + bias)
 
 
 def contrast_model():
@@ -97,6 +117,75 @@ def test_deletion_and_insertion_of_an_all_ones_map_by_hand():
     assert np.allclose(curves, sigmoid(4.0), atol=1e-5)
 
 
+def test_deletion_curves_and_auc_of_a_region_counting_model_by_hand():
+    """Class 0's logit is 6 x (share of the top-left quadrant's 64 pixels still white) - 3. Deleting
+    k of 256 pixels of a white image in the order of a map that is 1 on the quadrant removes
+    min(k, 64) of them (whatever order the ties take), in the order of the opposite map
+    max(0, k - 192): both curves, their AUC, and class 1's (1 - p) curve, are known."""
+    quadrant = np.zeros((S, S))
+    quadrant[:8, :8] = 1
+    model = pixel_weight_model(6 * quadrant / 64, -3.0)
+    images = np.full((3, S, S, 3), 255.0, np.float32)
+    maps = np.stack([quadrant, 1 - quadrant, quadrant]).astype(np.float32)
+    targets = np.array([0, 0, 1])
+    x, curves = ev.deletion(model, images, maps, targets, seed=5)
+    k = np.round(np.linspace(0, 256, 33))
+    assert np.allclose(x, k / 256)
+    right = sigmoid(6 * (64 - np.minimum(k, 64)) / 64 - 3)
+    wrong = sigmoid(6 * (64 - np.maximum(k - 192, 0)) / 64 - 3)
+    assert np.allclose(curves, [right, wrong, 1 - right], atol=1e-5)
+    areas = ev.auc(x, curves)
+    # right: 0.9526 falling linearly to 0.0474 over x in [0, 1/4], then flat; wrong: the mirror image
+    assert areas == pytest.approx([np.trapezoid(right, k / 256), np.trapezoid(wrong, k / 256),
+                                   np.trapezoid(1 - right, k / 256)], abs=1e-5)
+    assert areas[0] == pytest.approx(0.25 * (sigmoid(3) + sigmoid(-3)) / 2 + 0.75 * sigmoid(-3), abs=2e-3)
+    assert areas[0] + areas[2] == pytest.approx(1, abs=1e-5)
+
+
+def test_insertion_starts_from_a_sigma_5_blur_by_hand():
+    """Class 0 reads one pixel, (8, 8), in the middle of a white 6x6 square on black: p =
+    sigmoid(8 v - 4), v its grey level in [0, 1]. Insertion starts from OpenCV's Gaussian blur with
+    sigma 5 (RISE's), where v is low, and jumps to sigmoid(4) at the first step that restores
+    (8, 8); sigma 2 would keep v near 1/2 and change every point before the jump."""
+    weights = np.zeros((S, S))
+    weights[8, 8] = 8
+    model = pixel_weight_model(weights, -4.0)
+    image = np.zeros((S, S, 3), np.float32)
+    image[5:11, 5:11] = 255
+    images = np.stack([image, image])
+    blurred = cv2.GaussianBlur(image, (0, 0), 5)
+    assert np.array_equal(ev.blur(images), np.stack([blurred, blurred]))
+    v5 = blurred[8, 8, 0] / 255
+    v2 = cv2.GaussianBlur(image, (0, 0), 2)[8, 8, 0] / 255
+    assert v5 < 0.35 and v2 > 0.6  # the picture tells the two blurs apart
+    maps = np.random.default_rng(1).random((2, S, S)).astype(np.float32)  # no ties
+    maps[1, 8, 8] = 2  # image 1: (8, 8) is restored first
+    ranks = np.argsort(np.argsort(-maps.reshape(2, -1), axis=1), axis=1).reshape(2, S, S)
+    k = np.round(np.linspace(0, S * S, 33))
+    want = np.array([[pixel_weight_probability(weights, -4.0, np.where((r < kk)[..., None], image, blurred))
+                      for kk in k] for r in ranks])
+    x, curves = ev.insertion(model, images, maps, np.zeros(2, np.int64))
+    assert np.allclose(curves, want, atol=1e-5)
+    assert curves[:, 0] == pytest.approx(sigmoid(8 * v5 - 4), abs=1e-5)
+    assert curves[1, 1:] == pytest.approx(sigmoid(4.0), abs=1e-5)
+    assert 1 < (curves[0] < 0.5).sum() < 33  # image 0's jump comes part-way
+    assert ev.auc(x, curves) == pytest.approx(np.trapezoid(want, k / 256), abs=1e-5)
+
+
+def test_average_drop_and_increase_on_a_model_by_hand():
+    """Brightness model, white image, a map of 0.5 everywhere: the explanation image is mid-grey.
+    Class 0 (bright): Y = sigmoid(4), O = sigmoid(2), a drop of (Y - O) / Y; class 1 (dark) gains
+    confidence: no drop (max(0, .)), an increase."""
+    model = brightness_model()
+    images = np.full((2, S, S, 3), 255.0, np.float32)
+    maps = np.full((2, S, S), 0.5, np.float32)
+    targets = np.array([0, 1])
+    y = np.array([sigmoid(4), 1 - sigmoid(4)])
+    values = ev.per_image_metrics(model, images, maps, targets, y, steps=4)[0]
+    assert values["avg_drop"] == pytest.approx([(sigmoid(4) - sigmoid(2)) / sigmoid(4) * 100, 0], abs=1e-3)
+    assert values["increase"].tolist() == [0, 100]
+
+
 def test_the_map_of_the_used_region_beats_the_floors():
     model, images = contrast_model(), checkerboards()
     probs = ev.predict(model, images)
@@ -126,12 +215,41 @@ def test_bootstrap_interval():
         ev.bootstrap_ci([])
 
 
+def test_bootstrap_level_is_95_percent():
+    """Half zeros, half ones, n = 400: a resample's mean is Binomial(400, 1/2) / 400, whose central
+    95 % lies within 0.5 -+ 1.96 x 0.025 = [0.451, 0.549] (0.5 -+ 0.017 at 50 %). The default level
+    also equals numpy's 2.5 and 97.5 percentiles of the same seeded resamples."""
+    from scipy.stats import binom
+
+    values = np.repeat([0.0, 1.0], 200)
+    low, high = ev.bootstrap_ci(values, seed=4)
+    exact = binom.ppf([0.025, 0.975], 400, 0.5) / 400
+    assert [low, high] == pytest.approx(exact, abs=0.01)
+    assert ev.bootstrap_ci(values, seed=4, level=0.5) == pytest.approx(binom.ppf([0.25, 0.75], 400, 0.5) / 400,
+                                                                       abs=0.01)
+    means = values[np.random.default_rng(4).integers(0, 400, (ev.BOOTSTRAP, 400))].mean(axis=1)
+    assert [low, high] == pytest.approx(np.percentile(means, [2.5, 97.5]), abs=1e-12)
+    assert ev.BOOTSTRAP == 1000
+
+
 def test_spearman():
     a = np.random.default_rng(0).random((3, 5, 5))
     assert ev.spearman(a, a) == pytest.approx([1, 1, 1])
     assert ev.spearman(a, a**3) == pytest.approx([1, 1, 1])  # ranks only
     assert ev.spearman(a, -a) == pytest.approx([-1, -1, -1])
     assert ev.spearman(a, np.zeros_like(a)).tolist() == [0, 0, 0]  # a constant map ranks nothing
+
+
+def test_spearman_by_hand():
+    """2x2 maps. [1 2 3 4] vs [1 3 2 4]: one swap, rho = 1 - 6 x 2 / (4 x 15) = 0.8. With a tie,
+    [1 1 2 3] ranks [1.5 1.5 3 4]: centred ranks [-1 -1 .5 1.5] and [-1.5 -.5 .5 1.5], rho =
+    4.5 / sqrt(4.5 x 5) = 3 / sqrt(10). A constant map (either side, or both) gives 0."""
+    a = np.array([[1, 2, 3, 4], [1, 1, 2, 3], [1, 2, 3, 4], [7, 7, 7, 7], [7, 7, 7, 7]], float).reshape(5, 2, 2)
+    b = np.array([[1, 3, 2, 4], [1, 2, 3, 4], [5, 5, 5, 5], [1, 2, 3, 4], [0, 0, 0, 0]], float).reshape(5, 2, 2)
+    rho = ev.spearman(a, b)
+    assert rho.shape == (5,) and np.isfinite(rho).all()
+    assert rho == pytest.approx([0.8, 3 / np.sqrt(10), 0, 0, 0], abs=1e-12)
+    assert ev.spearman(b, a) == pytest.approx(rho, abs=1e-12)
 
 
 # ---------------------------------------------------------------- sanity check
@@ -173,7 +291,7 @@ def test_sanity_check_decorrelates_and_the_floors_do_not():
     images = np.random.default_rng(0).uniform(0, 255, (6, S, S, 3)).astype(np.float32)
     before = [w.copy() for w in model.get_weights()]
     targets = ev.predict(model, images).argmax(1)
-    methods = {k: ev.METHODS[k] for k in ("gradcam", "scorecam", "random", "center")}
+    methods = ev.method_functions(["gradcam", "scorecam", "random", "center"])
     out = ev.sanity_check(model, images, methods, targets, seed=0)
     assert list(out["gradcam"]) == ["logits", "fc1", "conv2", "conv1"]
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the original is untouched
@@ -201,12 +319,21 @@ def saved(tmp_path_factory):
     return tmp
 
 
-def test_cli_writes_json_and_figure(saved):
-    out, fig = saved / "out" / "results.json", saved / "out" / "curves.png"
+@pytest.fixture(scope="module")
+def cli_run(saved, tmp_path_factory):
+    """One run of the command line on the CIFAR-like tree: (process, results JSON path, figure path).
+    Every test that reads its output asks for it, so none depends on another test having run."""
+    out = tmp_path_factory.mktemp("cli")
+    results, fig = out / "results.json", out / "curves.png"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(saved / "tiny.keras"),
-                           "--data-dir", str(saved), "--n", "4", "--sanity-n", "2", "--json", str(out),
-                           "--figure", str(fig)], capture_output=True, text=True, env=env, timeout=120)
+                           "--data-dir", str(saved), "--n", "4", "--sanity-n", "2", "--json", str(results),
+                           "--figure", str(fig)], capture_output=True, text=True, env=env, timeout=180)
+    return proc, results, fig
+
+
+def test_cli_writes_json_and_figure(cli_run):
+    proc, out, fig = cli_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert list(results["methods"]) == list(ev.METHODS)
@@ -221,19 +348,63 @@ def test_cli_writes_json_and_figure(saved):
     assert "Score-CAM" in proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_markdown_from_json(saved, capsys):
-    ev.main(["--markdown", str(saved / "out" / "results.json")])
+def test_markdown_from_json(cli_run, capsys):
+    proc, out, _ = cli_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev.main(["--markdown", str(out)])
     text = capsys.readouterr().out
     assert text.startswith("| Method") and "Grad-CAM++" in text and "random floor" in text
     assert "| *paper: Score-CAM*" in text and "31.5" in text and "0.386" in text
     assert "down to conv1" in text
 
 
-def test_folder_dataset_uses_the_validation_split(saved, capsys):
-    ev.main(["--model", str(saved / "tiny.keras"), "--dataset", "folder", "--data-dir", str(saved / "train"),
-             "--methods", "gradcam,center", "--sanity-n", "0", "--steps", "4"])
+SPLIT_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory):
+    """A 32x32 brightness classifier (cat: bright, dog: dark) and a folder of 12 cats and 12 dogs in
+    which exactly the pictures of train.py's validation split for --seed SPLIT_SEED (val_fraction 0.2,
+    the split depends only on the labels and the seed) match their class; every training picture has
+    the other class's brightness. Accuracy 1 on the validation split, 0 on the training split."""
+    from data.folder import stratified_split
+    from model import save_model
+
+    tmp = tmp_path_factory.mktemp("split")
+    save_model(brightness_model(w=8.0, size=32, offset=0.5), tmp / "bright.keras", ["cat", "dog"])
+    labels = np.repeat([0, 1], 12)
+    val = set(stratified_split(labels, 0.2, SPLIT_SEED)[1].tolist())
+    assert val != set(stratified_split(labels, 0.2, 0)[1].tolist())  # the seed matters
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(labels):
+        bright = (label == 0) == (i in val)
+        level = 200 if bright else 40
+        write = rng.integers(level - 30, level + 30, (32, 32, 3)).astype(np.uint8)
+        (tmp / "data" / ["cat", "dog"][label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(write).save(tmp / "data" / ["cat", "dog"][label] / f"{i % 12:02d}.png")
+    return tmp
+
+
+def test_folder_dataset_uses_the_validation_split(split_folder, capsys):
+    """The evaluated pictures are train.py's validation split: as many as it holds, and the model is
+    right on all of them (it is wrong on every training picture)."""
+    from data.folder import load_image_folder
+    from model import load_model
+
+    out = split_folder / "results.json"
+    ev.main(["--model", str(split_folder / "bright.keras"), "--dataset", "folder", "--data-dir",
+             str(split_folder / "data"), "--split-seed", str(SPLIT_SEED), "--methods", "gradcam,center",
+             "--sanity-n", "0", "--steps", "4", "--json", str(out)])
     text = capsys.readouterr().out
     assert "Grad-CAM" in text and "centre floor" in text and "Score-CAM " not in text.split("*paper")[0]
+    sample = json.loads(out.read_text())["sample"]
+    d = load_image_folder(split_folder / "data", image_size=(32, 32), val_fraction=0.2, seed=SPLIT_SEED)
+    model = load_model(split_folder / "bright.keras")[0]
+    assert len(d.x_val) == 4 and len(d.x_train) == 20  # 0.25 would hold out 6
+    assert sample["split"] == "validation" and sample["n"] == sample["of"] == len(d.x_val)
+    assert (ev.predict(model, d.x_val).argmax(1) == d.y_val).mean() == 1
+    assert (ev.predict(model, d.x_train).argmax(1) == d.y_train).mean() == 0
+    assert sample["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
