@@ -1,4 +1,7 @@
 """Hostile and broken input: a corpus the tests make themselves, run through every entry point."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,10 +92,53 @@ def test_scorecam_cli_exit_status_is_zero_only_when_output_was_written(tmp_path,
     assert r.returncode == 1 and not (tmp_path / "x.png").exists() and r.stderr.startswith("error: ")
 
 
-def test_model_for_another_input_size_than_the_data_is_a_clear_error(tmp_path, tiny_model_path, color_folder):
-    r = run_cli("evaluate.py", "--model", tiny_model_path, "--dataset", "folder", "--data-dir", color_folder,
-                "--n", "2")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "error: " in r.stderr
+def cifar_tree(folder, classes, size=32, per_class=2):
+    """A CIFAR-10-style train/<class>/ and test/<class>/ tree of size x size JPEGs."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            for i in range(per_class):
+                write_image(folder / split / name / f"{i}.jpg", rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    return folder
+
+
+def test_model_for_another_input_size_than_the_data_is_a_clear_error(tmp_path):
+    """--dataset folder resizes pictures to the model's size, so only CIFAR-10 (always 32x32) can
+    meet a model of another size: a 48x48 model with the tree's 3 classes passes the class-count
+    check and stops at the size check, before anything is written."""
+    from model import build_model, save_model
+
+    classes = ["cat", "dog", "frog"]
+    tree = cifar_tree(tmp_path / "cifar", classes)
+    model_path = tmp_path / "m48.keras"
+    save_model(build_model(input_shape=(48, 48, 3), num_classes=len(classes)), model_path, classes)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_cli("evaluate.py", "--model", model_path, "--dataset", "cifar10", "--data-dir", tree, "--n", "2",
+                "--json", out / "results.json", "--figure", out / "curves.png")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()  # tqdm's "reading test" progress, then the error in one line
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:] and errors[0].startswith("error: "), r.stderr
+    assert "32x32" in errors[0] and "48x48" in errors[0], r.stderr
+    assert "classes" not in errors[0]  # the size check, not the class-count one
+    assert list(out.iterdir()) == []
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file_and_one_error_line(tmp_path, tiny_model_path):
+    """The figure is written to a temporary file and renamed onto --out; when the rename fails (--out
+    is a folder), the temporary file is removed and the command says so in one line."""
+    picture = write_image(tmp_path / "in" / "cat.png", GOOD)
+    target = tmp_path / "out" / "figure.png"
+    target.mkdir(parents=True)
+    r = run_cli("scorecam.py", picture, "--model", tiny_model_path, "--out", target)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "figure.png" in lines[0], r.stderr
+    temporary = re.findall(r"'([^']*/\.figure\.png\.[^'/]*)'", lines[0])  # the rename names what it moved
+    assert temporary and not Path(temporary[0]).exists(), lines[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["figure.png"] and target.is_dir()
+    assert list(target.iterdir()) == []
 
 
 COMMANDS = [["train.py"], ["scorecam.py"], ["evaluate.py"], ["figures.py"], ["bench.py"],
