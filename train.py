@@ -1,5 +1,6 @@
 """Train the VGG-style CNN on CIFAR-10 or on an image folder (one subfolder per class).
 
+    python train.py                       (CIFAR-10, downloaded through Keras, the shipped recipe)
     python train.py --dataset cifar10 [--data-dir DIR] --out runs/cifar10
     python train.py --dataset folder --data-dir FACES_DIR --image-size 64 --out runs/characters
 
@@ -10,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,6 +28,8 @@ import numpy as np  # noqa: E402
 from atomic import atomic_path, write_text  # noqa: E402
 from data.augment import AUGMENTATIONS  # noqa: E402
 from model import build_model, load_model, save_model  # noqa: E402
+
+MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the picture
 
 # Per-dataset defaults: "cifar10" and "folder" are the recipes of the shipped models. CIFAR-10: only the length
 # mattered (40 epochs 85.6 %, 70 epochs 86.4-86.9 % whatever the weight decay 0-0.05, label smoothing 0/0.1
@@ -178,12 +182,18 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 def learning_rate_schedule(name, peak, steps):
-    """'constant', or 'onecycle': linear warm-up over the first 15 % of steps to `peak`, then cosine to ~0."""
-    if name == "constant":
+    """'constant', or 'onecycle': linear warm-up over the first 15 % of steps (at least one) to `peak`, then
+    cosine to ~0 over the rest (at least one step).
+
+    Any number of steps >= 1 works: a run of one step (one batch, one epoch) is trained at `peak`, as
+    there is no room for a warm-up and a decay; with 2 steps the first warms up and the second is at `peak`."""
+    if steps < 1:
+        raise ValueError(f"the learning-rate schedule needs at least one step, got {steps}")
+    if name == "constant" or steps == 1:
         return peak
     warmup = max(1, int(0.15 * steps))
     return keras.optimizers.schedules.CosineDecay(
-        peak / 25, decay_steps=steps - warmup, alpha=1e-3 / 25, warmup_target=peak, warmup_steps=warmup)
+        peak / 25, decay_steps=max(1, steps - warmup), alpha=1e-3 / 25, warmup_target=peak, warmup_steps=warmup)
 
 
 def compile_model(model, args, steps):
@@ -222,31 +232,59 @@ def read_display_names(path, class_names):
     """Display names from a TSV whose first column is the folder name (header row optional);
     the last column is the name shown. Folders it does not list keep their own name."""
     names = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"--names file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--names {path}: not UTF-8 text; save it as UTF-8") from None
+    for line in text.splitlines():
         cells = [c.strip() for c in line.split("\t")]
         if len(cells) >= 2 and cells[0] and cells[0] != "folder":
             names[cells[0]] = cells[-1]
     return [names.get(c, c) for c in class_names]
 
 
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` number within [low, high] (an open end where *_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
+            and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            bounds = [f"{'>' if low_open else '>='} {low}"] * (low is not None) \
+                + [f"{'<' if high_open else '<='} {high}"] * (high is not None)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["cifar10", "folder"], required=True)
+    p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10",
+                   help="cifar10 (default; downloaded through Keras without --data-dir) or an image folder")
     p.add_argument("--data-dir", help="cifar10: pickles or train/ test/ image folders (default: Keras download); "
                                       "folder: one subfolder per class")
-    p.add_argument("--image-size", type=int, default=64, help="folder: images are resized to this square size")
-    p.add_argument("--val-split", type=float, default=0.2, help="folder: fraction held out, stratified")
+    p.add_argument("--image-size", type=_number(int, MIN_IMAGE_SIZE), default=64,
+                   help=f"folder: images are resized to this square size, at least {MIN_IMAGE_SIZE} (default: 64)")
+    p.add_argument("--val-split", type=_number(float, 0.0, 1.0, high_open=True), default=0.2,
+                   help="folder: fraction held out, stratified; 0 trains on every picture, without validation")
     p.add_argument("--names", help="folder: TSV folder<TAB>display name, shown in figures")
     p.add_argument("--recipe", choices=["default", "original"], default="default",
                    help="default: the dataset's tuned recipe; original: plain Adam 3e-4, no augmentation, 48 epochs")
-    for opt, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("label-smoothing", float),
-                     ("weight-decay", float)):
+    for opt, typ in (("epochs", _number(int, 1)), ("batch-size", _number(int, 1)),
+                     ("learning-rate", _number(float, 0.0, low_open=True)),
+                     ("label-smoothing", _number(float, 0.0, 1.0, high_open=True)),
+                     ("weight-decay", _number(float, 0.0))):
         p.add_argument(f"--{opt}", type=typ, help="(default: from the recipe)")
     p.add_argument("--schedule", choices=["constant", "onecycle"])
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS))
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], help="mixed_bfloat16 is faster on CPUs with "
                                                                               "AVX-512 BF16 and on recent GPUs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--out", default="runs/latest", help="RUN_DIR for the model, history, curves (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a finished run")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
@@ -261,17 +299,21 @@ def parse_args(argv=None):
 def train(args, extra_callbacks=()):
     run = Path(args.out)
     backup, history_csv, model_path = run / "backup", run / "history.csv", run / "model.keras"
-    if (run / "results.json").is_file() and not backup.exists():
-        if not args.overwrite:
-            raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
-        (run / "results.json").unlink()
-    if not backup.exists() and history_csv.exists():
-        history_csv.unlink()  # a fresh start: no rows from an older run
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run} is a file, not a folder; choose another --out")
+    if (run / "results.json").is_file() and not backup.exists() and not args.overwrite:
+        raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
     keras.utils.set_random_seed(args.seed)
-    x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)
+    x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)  # may fail: change nothing before
+    if not backup.exists():  # a fresh start: nothing from an older run
+        for stale in ("results.json", "history.csv", "confusion.png"):
+            (run / stale).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     print(f"{len(x_train)} training and {len(x_val)} {val_name} images, {len(names)} classes; recipe: "
           + ", ".join(f"{k}={getattr(args, k)}" for k in RECIPES["original"]))
+    if not len(x_val):
+        print("no validation images (--val-split 0, or one picture a class): the last epoch's model is kept, "
+              "and no accuracy is measured", file=sys.stderr)
     model = build_model(x_train.shape[1:], len(names), dtype=args.precision)
     batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, AUGMENTATIONS[args.augment])
     backup_and_restore = AtomicBackupAndRestore(str(backup))
@@ -280,14 +322,14 @@ def train(args, extra_callbacks=()):
     callbacks = [
         HistoryCSV(history_csv),
         # Keep the best validation model; for CIFAR-10 the validation set is the test split, so keep the last
-        # epoch instead of choosing on the test set.
-        SaveBest(model_path, names, history_csv, monitor=None if val_name == "test" else "val_accuracy",
+        # epoch instead of choosing on the test set (and without validation images, the last one too).
+        SaveBest(model_path, names, history_csv, monitor="val_accuracy" if val_name != "test" and len(x_val) else None,
                  display_names=display),
         backup_and_restore,  # after the epoch's files are written
         *extra_callbacks,
     ]
     start = time.time()
-    val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names)))
+    val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names))) if len(x_val) else None
     # shuffle=False: EpochBatches already shuffles, as a pure function of (seed, epoch); Keras would also
     # shuffle the batch order with Python's global random state, which a resumed process does not share.
     model.fit(batches, validation_data=val, epochs=args.epochs, callbacks=callbacks, shuffle=False,
@@ -301,20 +343,23 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
     from plots import confusion_matrix_figure, learning_curves, read_history
 
     model, names, display = load_model(model_path)
-    pred = model.predict(x_val.astype("float32"), batch_size=256, verbose=0).argmax(axis=1)
-    accuracy = float((pred == y_val).mean())
     history = read_history(run / "history.csv")
     learning_curves(history, run, title=args.dataset)
     matrix = np.zeros((len(names), len(names)), dtype=np.int64)
-    np.add.at(matrix, (y_val, pred), 1)
-    confusion_matrix_figure(matrix, display, run / "confusion.png", title=f"{val_name} accuracy {accuracy:.1%}")
+    accuracy = None
+    if len(x_val):
+        pred = model.predict(x_val.astype("float32"), batch_size=256, verbose=0).argmax(axis=1)
+        accuracy = float((pred == y_val).mean())
+        np.add.at(matrix, (y_val, pred), 1)
+        confusion_matrix_figure(matrix, display, run / "confusion.png", title=f"{val_name} accuracy {accuracy:.1%}")
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)), "epochs": int(args.epochs),
                "wall_seconds_this_session": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}"
                f", {os.cpu_count()} cores", "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
                "seed": args.seed, "backend": keras.backend.backend(), "devices": keras.distribution.list_devices(),
                "confusion_matrix": matrix.tolist(), "classes": names}
     write_text(run / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
-    print(f"{val_name} accuracy: {accuracy:.4f} ({len(y_val)} images)")
+    if accuracy is not None:
+        print(f"{val_name} accuracy: {accuracy:.4f} ({len(y_val)} images)")
 
 
 def _terminated(signum, frame):

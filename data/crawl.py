@@ -84,7 +84,7 @@ def folder_name(name):
     if len(safe.encode()) > MAX_FOLDER_BYTES:
         safe = safe.encode()[:MAX_FOLDER_BYTES - len(tag) - 1].decode("utf-8", "ignore").rstrip(" .")
         changed = True
-    if not changed:
+    if not changed and safe:  # an empty name is unchanged, yet no folder
         return safe
     return f"{safe}-{tag}" if safe else f"name-{tag}"
 

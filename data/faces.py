@@ -14,6 +14,7 @@ downloaded once into the Keras cache (~/.keras/models/) and checked against its 
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -34,6 +35,7 @@ CASCADE_SHA256 = "9376d30ac38db6bda2a68b88b3b76bbd7e6aa33af47f7f5c76bc88ca75f1ce
 MANIFEST = ".faces.json"
 NAMES_TSV = "names.tsv"  # written by data.crawl: folder -> character name, for train.py --names
 SAVE_EVERY = 25  # pictures between manifest saves: what an interrupted run may redo
+MAX_STEM_BYTES = 200  # of a crop's name before "_<i>.png" / "_whole.png": within the usual 255-byte limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +160,19 @@ def check_folders(raw_dir, faces_dir):
 
 
 def output_stems(files):
-    """Crop-name stem per file: its stem, or stem_suffix where two files share a stem (a.jpg, a.png)."""
+    """Crop-name stem per file, a different one for each file: its stem, or stem_suffix where two files
+    share a stem (a.jpg, a.png). A stem still shared (a_jpg.png beside those) or too long for a file name
+    once "_whole.png" is added is cut short and given a hash of the file's name."""
     counts = Counter(p.stem for p in files)
-    return {p.name: p.stem if counts[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in files}
+    stems = {p.name: p.stem if counts[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in files}
+    shared = Counter(stems.values())
+    for p in files:
+        stem = stems[p.name]
+        raw = stem.encode("utf-8", "surrogateescape")
+        if shared[stem] > 1 or len(raw) > MAX_STEM_BYTES:
+            tag = hashlib.sha256(p.name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+            stems[p.name] = f"{raw[:MAX_STEM_BYTES - 9].decode('utf-8', 'ignore')}-{tag}"
+    return stems
 
 
 def read_manifest(faces_dir, options):
@@ -182,7 +194,8 @@ def read_manifest(faces_dir, options):
 
 def write_manifest(faces_dir, options, done):
     write_text(Path(faces_dir) / MANIFEST,
-               json.dumps({"options": dataclasses.asdict(options), "done": done}, ensure_ascii=False, indent=1))
+               # ASCII escapes: a file name that is not UTF-8 (kept by Python as lone surrogates) still fits
+               json.dumps({"options": dataclasses.asdict(options), "done": done}, ensure_ascii=True, indent=1))
 
 
 def copy_names(raw_dir, faces_dir):
@@ -232,7 +245,8 @@ def format_table(stats):
     total = {k: sum(s[k] for s in stats.values()) for k in keys}
     lines = ["  ".join(f"{k:>{len(k)}}" for k in keys) + "  class"]
     for name, s in [*stats.items(), ("(total)", total)]:
-        lines.append("  ".join(f"{s[k]:>{len(k)}}" for k in keys) + f"  {name}")
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a folder name that is not UTF-8
+        lines.append("  ".join(f"{s[k]:>{len(k)}}" for k in keys) + f"  {shown}")
     return "\n".join(lines)
 
 

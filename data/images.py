@@ -19,9 +19,9 @@ def to_rgb8(im):
     Transparent pixels are composited onto white, as a viewer shows them; 16-bit and
     float images are scaled, not clipped, to 8 bits.
     """
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = 65535.0 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=-1)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -47,14 +47,21 @@ def read_image(path):
                 im.seek(0)  # first frame of an animation
                 im = ImageOps.exif_transpose(im)
                 im.load()
-                rgb = to_rgb8(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path}: image too large (over Pillow's decompression-bomb limit)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
-        reason = "not an image or an unsupported format" if isinstance(e, Image.UnidentifiedImageError) \
-            else f"corrupt or truncated image ({e})"
-        raise ImageError(f"{path}: {reason}") from None
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+    except MemoryError:
+        raise ImageError(f"{path}: image too large to read into memory") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image or an unsupported format") from None
+    except Exception as e:  # a damaged file makes Pillow's decoders raise nearly anything (struct.error, KeyError...)
+        raise ImageError(f"{path}: corrupt or truncated image ({e or type(e).__name__})") from None
+    try:
+        rgb = to_rgb8(im)
+    except MemoryError:
+        raise ImageError(f"{path}: image too large to read into memory") from None
+    except Exception:  # Pillow cannot turn every mode (e.g. LAB) into RGB
+        raise ImageError(f"{path}: unsupported colour mode {im.mode}; save it as RGB") from None
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageError(f"{path}: image has no pixels")
     return np.ascontiguousarray(rgb)
 

@@ -132,8 +132,122 @@ class _Evil:
 def test_malicious_pickle_is_refused(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refused to load"):
+    with pytest.raises(ValueError, match="refused to load posix.system") as e:
         safe_unpickle(path)
+    assert str(path) in str(e.value) and "--data-dir" in str(e.value)  # names the file and what to change
+
+
+def _pickles(folder, **replace):
+    """A complete cifar-10-batches-py folder of tiny batches; replace={file name: bytes} overwrites some."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        _write_batch(folder / f"data_batch_{i}", 2, i)
+    _write_batch(folder / "test_batch", 2, 9)
+    for name, content in replace.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+_ARRAY = np.zeros((2, 3072), np.uint8)
+BROKEN_BATCHES = {
+    "malicious": (pickle.dumps({b"data": _Evil(), b"labels": []}), "refused to load"),
+    "truncated": (pickle.dumps({b"data": _ARRAY, b"labels": [0, 1]})[:-40], "not a readable CIFAR-10 pickle"),
+    "not a pickle": (b"\x89PNG\r\n\x1a\n not a pickle", "not a readable CIFAR-10 pickle|refused"),
+    "text": (b"hello, world\n", "not a readable CIFAR-10 pickle"),
+    "empty file": (b"", "not a readable CIFAR-10 pickle"),
+    "a list": (pickle.dumps([1, 2, 3]), "not a CIFAR-10 batch"),
+    "no labels": (pickle.dumps({b"data": _ARRAY}), "not a CIFAR-10 batch"),
+    "wrong image size": (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+                         "not 32x32x3 images"),
+    "float pixels": (pickle.dumps({b"data": np.zeros((2, 3072)), b"labels": [0, 1]}), "not integers"),
+    "pixels over 255": (pickle.dumps({b"data": np.full((2, 3072), 300), b"labels": [0, 1]}), "outside 0-255"),
+    "labels too few": (pickle.dumps({b"data": _ARRAY, b"labels": [0]}), "1 labels for 2 images"),
+    "label 10": (pickle.dumps({b"data": _ARRAY, b"labels": [0, 10]}), "labels outside 0-9"),
+    "string labels": (pickle.dumps({b"data": _ARRAY, b"labels": ["cat", "dog"]}), "not integers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_BATCHES))
+def test_every_bad_cifar10_batch_is_one_value_error_naming_the_file(tmp_path, case):
+    content, reason = BROKEN_BATCHES[case]
+    folder = _pickles(tmp_path / "cifar-10-batches-py", data_batch_3=content)
+    with pytest.raises(ValueError, match=reason) as e:
+        load_cifar10(tmp_path)
+    assert str(folder / "data_batch_3") in str(e.value) and ("--data-dir" in str(e.value))
+
+
+def test_missing_batch_and_bad_meta_are_value_errors(tmp_path):
+    folder = _pickles(tmp_path)
+    (folder / "data_batch_5").unlink()
+    with pytest.raises(ValueError, match="data_batch_5: cannot be read"):
+        load_cifar10(folder)
+    _pickles(folder, **{"batches.meta": pickle.dumps({b"label_names": [b"only one"]})})
+    with pytest.raises(ValueError, match="batches.meta: not a CIFAR-10 batches.meta"):
+        load_cifar10(folder)
+    _pickles(folder, **{"batches.meta": pickle.dumps({b"label_names": [b"a", b"b"]})})
+    with pytest.raises(ValueError, match="labels outside 0-1"):  # labels must fit the named classes
+        load_cifar10(folder)
+
+
+def test_python3_pickles_of_every_protocol_are_read(tmp_path):
+    """Batches re-saved by Python 3 (str keys, protocol 2's _codecs, protocol 5's buffers) are plain data too."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    for protocol in (2, 4, 5):
+        folder = _pickles(tmp_path / str(protocol), test_batch=pickle.dumps({"data": x, "labels": [1, 2, 3]},
+                                                                            protocol=protocol))
+        _, (xt, yt), _ = load_cifar10(folder, train=False)
+        np.testing.assert_array_equal(xt.transpose(0, 3, 1, 2).reshape(3, -1), x)
+        assert yt.tolist() == [1, 2, 3]
+
+
+def closed_port_url():
+    """An http URL on the loopback interface where nothing listens: a download from it fails at once,
+    without touching the network."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+
+
+def test_failed_download_is_one_value_error_saying_to_pass_data_dir(tmp_path, monkeypatch):
+    """keras.datasets.cifar10 raises a bare Exception("URL fetch failure ...") when offline; load_cifar10
+    owns turning it into the message every command prints. Keras's real get_file runs, pointed at a
+    closed loopback port and an empty cache."""
+    import keras.src.datasets.cifar10 as keras_cifar10
+
+    real_get_file, url = keras_cifar10.get_file, closed_port_url()
+
+    def offline_get_file(*args, **kwargs):
+        return real_get_file(*args, **{**kwargs, "origin": url, "cache_dir": str(tmp_path / "keras")})
+
+    monkeypatch.setattr(keras_cifar10, "get_file", offline_get_file)
+    for train in (True, False):
+        with pytest.raises(ValueError) as e:
+            load_cifar10(None, train=train)
+        message = str(e.value)
+        assert message.startswith("could not download CIFAR-10 (URL fetch failure on " + url)
+        assert message.endswith("; pass --data-dir DIR (pickles or train/ test/ folders)") and "\n" not in message
+
+
+def test_cifar10_tree_with_a_bad_picture_names_it(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ["airplane", "cat"]:
+            write_image(tmp_path / split / c / "0.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    write_image(tmp_path / "test" / "cat" / "big.png", np.zeros((40, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="big.png: CIFAR-10 images are 32x32, this one is 32x40"):
+        load_cifar10(tmp_path)
+    (tmp_path / "test" / "cat" / "big.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="big.png: not an image.*; delete or replace it"):
+        load_cifar10(tmp_path)
+    (tmp_path / "test" / "cat" / "big.png").unlink()
+    (tmp_path / "test" / "cat" / ".DS_Store").write_bytes(b"junk")  # hidden files are not pictures
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(ValueError, match="dog: missing"):
+        load_cifar10(tmp_path)
 
 
 def test_cifar10_from_jpeg_tree(tmp_path):
@@ -149,3 +263,5 @@ def test_cifar10_from_jpeg_tree(tmp_path):
 def test_cifar10_unknown_layout_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="neither"):
         load_cifar10(tmp_path)
+    with pytest.raises(ValueError, match="CIFAR-10 folder not found"):
+        load_cifar10(tmp_path / "missing")

@@ -1,16 +1,52 @@
-"""Training end to end on a tiny folder: every output file, resume after an interruption, CLI errors."""
+"""Training end to end on a tiny folder: every output file, resume after an interruption, CLI errors,
+the learning-rate schedule at any step count, checkpoints on disk before their predecessor goes."""
 import csv
 import json
+import math
+import os
+import random
 
 import keras
 import numpy as np
 import pytest
 
 import train
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from model import load_model
 
 TINY = ["--dataset", "folder", "--image-size", "16", "--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture
+def deterministic_ops():
+    """Bitwise comparisons of two trainings need deterministic kernels, so ask the backend for them.
+
+    TensorFlow: its CPU kernels happen to be deterministic here, but only enable_op_determinism()
+    promises it (on GPUs, and for reductions and convolutions whose algorithm it may pick per run).
+    It is process-wide, so it is switched off again afterwards: other tests keep TensorFlow's defaults
+    whatever order they run in. JAX: XLA on the CPU compiles one deterministic program for a given
+    input, so there is nothing to ask (on a GPU it would take XLA_FLAGS=--xla_gpu_deterministic_ops=true
+    before JAX starts). Seeds: keras.utils.set_random_seed seeds Python, NumPy and the backend."""
+    keras.utils.set_random_seed(0)
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config  # has the switch-off the public API lacks
+
+    was_on = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on:
+            tf_config.disable_op_determinism()
+
+
+def deterministic_subprocesses(monkeypatch):
+    """What deterministic_ops asks for, for a child process: TensorFlow reads TF_DETERMINISTIC_OPS at start
+    (JAX ignores it and needs nothing on a CPU, see above); train.py seeds everything from --seed."""
+    monkeypatch.setenv("TF_DETERMINISTIC_OPS", "1")
 
 
 def history_epochs(run):
@@ -19,8 +55,12 @@ def history_epochs(run):
 
 
 def test_one_epoch_writes_every_output(color_folder, tmp_path):
+    """Issue 15's first try: 24 training pictures, the default batch of 32, one epoch, so one step in all,
+    which the one-cycle schedule (warm-up, then decay) stopped with "decay_steps must be > 0"."""
     run = tmp_path / "run"
-    train.main([*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(run)])
+    args = ["--dataset", "folder", "--image-size", "16", "--quiet", "--data-dir", str(color_folder), "--epochs", "1"]
+    assert train.parse_args(args).batch_size == 32 and train.parse_args(args).schedule == "onecycle"
+    train.main([*args, "--out", str(run)])
     files = {p.name for p in run.iterdir()}
     assert {"model.keras", "model.classes.json", "history.csv", "acc.png", "loss.png", "confusion.png",
             "results.json"} <= files
@@ -45,7 +85,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path):
+def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path, deterministic_ops):
     args = [*TINY, "--data-dir", str(color_folder), "--epochs", "3", "--augment", "rotate-shift-flip"]
     whole = tmp_path / "whole"
     train.train(train.parse_args([*args, "--out", str(whole)]))
@@ -67,7 +107,8 @@ def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path):
 
 def test_death_while_the_backup_is_written_resumes_from_the_last_complete_one(tmp_path):
     """Keras's own callback rewrites its weights file in place: dying mid-write left an unreadable
-    checkpoint (CI saw "bad object header version number"). Ours must fall back to the last whole one."""
+    checkpoint (CI saw "bad object header version number"). Ours must fall back to the last whole one.
+    (Bitwise without deterministic_ops: weights are only written and read back, nothing is computed.)"""
     from pathlib import Path
 
     from model import build_model
@@ -164,22 +205,33 @@ def test_sigterm_ends_with_one_line_leaves_no_temporary_file_and_resumes(color_f
     assert train.AtomicBackupAndRestore(str(tmp_path / "run" / "backup")).finished_epochs() >= 1
 
 
-def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(color_folder, tmp_path):
+def kill_seed(request):
+    """The seed of the kill delays: $TRAIN_KILL_SEED, else pytest-randomly's seed of this run, else 0."""
+    if os.environ.get("TRAIN_KILL_SEED"):
+        return int(os.environ["TRAIN_KILL_SEED"])
+    seed = getattr(request.config.option, "randomly_seed", None)
+    return seed if isinstance(seed, int) else 0
+
+
+def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(color_folder, tmp_path, request,
+                                                                          monkeypatch):
     """Batches are a pure function of (seed, epoch, batch) and the checkpoint holds weights, optimizer and
     dropout random-generator states, so the resumed run repeats the lost epoch exactly: bitwise equal
-    history and weights."""
-    import random
+    history and weights. The kill lands a seeded random delay after the first complete checkpoint; a run
+    that finishes before it is retried with a shorter delay (down to none), not counted as a failure."""
     import shutil
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT
-
+    seed = kill_seed(request)
+    rng = random.Random(seed)
+    print(f"kill delays seeded with {seed}: rerun with TRAIN_KILL_SEED={seed} to draw the same ones")
+    deterministic_subprocesses(monkeypatch)
     args = ["train.py", *TINY, "--data-dir", str(color_folder), "--epochs", "6"]
     assert run_cli(*args, "--out", tmp_path / "whole").returncode == 0
-    killed, window = tmp_path / "killed", 0.5
-    for _ in range(6):  # a kill that lands after the (fast) run ends tests nothing: retry, sooner
+    killed, window, tries = tmp_path / "killed", 0.5, []
+    for attempt in range(6):
         shutil.rmtree(killed, ignore_errors=True)
         proc = subprocess.Popen([sys.executable, *args, "--out", str(killed)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -188,19 +240,163 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_model(colo
         while not (killed / "backup" / "training_metadata.json").exists() and proc.poll() is None \
                 and time.time() < deadline:
             time.sleep(0.01)
-        delay = random.uniform(0, window)
+        delay = 0.0 if attempt == 5 else rng.uniform(0, window)
         time.sleep(delay)
         proc.kill()
         proc.wait()
-        if (killed / "backup").is_dir():
+        done = train.AtomicBackupAndRestore(str(killed / "backup")).finished_epochs() \
+            if (killed / "backup").is_dir() else None
+        tries.append(f"+{delay:.3f}s: " + ("finished before the kill" if done is None else f"{done} epochs done"))
+        if done is not None:
             break
-        window /= 2
-    assert (killed / "backup").is_dir(), "every run finished before its kill"
+        window /= 4  # the run outran the kill: try sooner
+    where = f"seed {seed}, kills at " + "; ".join(tries)
+    assert (killed / "backup").is_dir(), f"every run finished before its kill, even with no delay ({where})"
     r = run_cli(*args, "--out", killed)
     assert r.returncode == 0, r.stderr
     assert history_epochs(killed) == list(range(6))
-    assert (killed / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
+    assert (killed / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text(), where
     a, _, _ = load_model(tmp_path / "whole" / "model.keras")
     b, _, _ = load_model(killed / "model.keras")
     for wa, wb in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_array_equal(wa, wb, err_msg=f"killed at +{delay:.2f}s after the first epoch")
+        np.testing.assert_array_equal(wa, wb, err_msg=where)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20])
+def test_onecycle_schedule_works_for_any_number_of_steps(steps):
+    """Issue 15: one step (one batch, one epoch) had no decay steps. Every step count >= 1 gives a rate in
+    (0, peak] at every step; with two steps or more it warms up from peak / 25 to peak, then decays."""
+    peak = 2e-3
+    schedule = train.learning_rate_schedule("onecycle", peak, steps)
+    rates = [float(schedule(step)) if callable(schedule) else float(schedule) for step in range(steps + 1)]
+    assert all(math.isfinite(r) and 0 < r <= peak * (1 + 1e-6) for r in rates), rates
+    if steps == 1:
+        assert rates[0] == pytest.approx(peak)  # no room for a warm-up and a decay: the one step at peak
+    else:
+        assert rates[0] == pytest.approx(peak / 25) and max(rates) == pytest.approx(peak)
+        assert rates.index(max(rates)) == max(1, int(0.15 * steps))
+    if steps >= 3:  # then decays, to ~0 where the steps end
+        assert rates[steps - 1] < peak and rates[steps] == pytest.approx(peak * 1e-3 / 25, rel=0.01)
+    assert train.learning_rate_schedule("constant", peak, steps) == peak
+    with pytest.raises(ValueError, match="at least one step"):
+        train.learning_rate_schedule("onecycle", peak, 0)
+
+
+def test_a_checkpoint_is_on_disk_before_its_predecessor_is_removed(tmp_path, monkeypatch):
+    """Power loss must not leave an empty new checkpoint with the old one gone: each file is fsynced before
+    its rename, its folder after it, and only then is the previous epoch's checkpoint deleted."""
+    from model import build_model
+
+    model = build_model((16, 16, 3), 2)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    backup = tmp_path / "backup"
+    saver = train.AtomicBackupAndRestore(str(backup))
+    saver.set_model(model)
+    saver.on_epoch_end(0)
+
+    events, paths = [], {}
+    real_open, real_fsync, real_replace, real_unlink = os.open, os.fsync, os.replace, os.unlink
+
+    def record_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        paths[fd] = os.path.abspath(path)
+        return fd
+
+    def record_fsync(fd):
+        events.append(("fsync", paths.get(fd, fd)))
+        return real_fsync(fd)
+
+    def record_replace(src, dst, **kwargs):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    def record_unlink(path, **kwargs):
+        events.append(("unlink", os.path.abspath(path)))
+        return real_unlink(path, **kwargs)
+
+    for name, function in (("open", record_open), ("fsync", record_fsync), ("replace", record_replace),
+                           ("unlink", record_unlink)):
+        monkeypatch.setattr(os, name, function)
+    saver.on_epoch_end(1)
+    monkeypatch.undo()
+
+    folder = str(backup)
+    old_weights = str(backup / "epoch0001.weights.h5")  # Keras counts epochs from 1 in the file names
+    assert not os.path.exists(old_weights) and os.path.exists(backup / "epoch0002.weights.h5")
+    unlinked = [e[1] for e in events if e[0] == "unlink"]
+    first_unlink = min(events.index(("unlink", p)) for p in unlinked if ".tmp" not in p and "/." not in p)
+    assert {os.path.basename(p) for p in unlinked} == {"epoch0001.weights.h5", "epoch0001.seeds.npz"}
+    for target in ("epoch0002.weights.h5", "epoch0002.seeds.npz", "training_metadata.json"):
+        replace = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(backup / target))
+        tmp = events[replace][1]
+        fsync_file = events.index(("fsync", tmp))
+        fsync_dir = next(i for i, e in enumerate(events) if e == ("fsync", folder) and i > replace)
+        assert fsync_file < replace < fsync_dir < first_unlink, (target, events)
+
+
+def test_malicious_or_broken_cifar10_pickles_end_in_one_error_line(tmp_path):
+    """Issue 15: the safe unpickler refused a malicious batch, but train.py ended in a traceback."""
+    from test_data import BROKEN_BATCHES, _pickles
+
+    for case in ("malicious", "truncated", "label 10"):
+        folder = _pickles(tmp_path / case, data_batch_2=BROKEN_BATCHES[case][0])
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data-dir", str(folder), "--out", str(tmp_path / "run"), "--quiet"])
+        message = str(e.value.code)
+        assert message.startswith(f"error: {folder / 'data_batch_2'}: ") and "\n" not in message, message
+        assert "--data-dir" in message and not (tmp_path / "run").exists()
+    r = run_cli("train.py", "--data-dir", tmp_path / "malicious", "--out", tmp_path / "run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "refused to load posix.system" in r.stderr
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("--batch-size", "0", "must be >= 1"),  # was a ZeroDivisionError traceback (found by the generated options)
+    ("--epochs", "0", "must be >= 1"),  # was "error: model file not found", after building the model
+    ("--learning-rate", "nan", "must be > 0.0"), ("--learning-rate", "0", "must be > 0.0"),  # trained on NaN
+    ("--val-split", "1", "must be >= 0.0 and < 1.0"), ("--val-split", "-0.1", "must be >= 0.0"),
+    ("--label-smoothing", "1.5", "must be >= 0.0 and < 1.0"), ("--weight-decay", "-1", "must be >= 0.0"),
+    ("--seed", "-5", "must be >= 0"), ("--image-size", "8", "must be >= 16"), ("--epochs", "2.5", "not an integer"),
+])
+def test_out_of_range_options_are_usage_errors_naming_the_option(option, value, reason, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--dataset", "folder", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: argument {option}: {reason}" in err, err
+
+
+OFFLINE_TRAIN = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import runtime  # quiet TensorFlow start-up, as train.py does
+import keras.src.datasets.cifar10 as keras_cifar10
+
+real_get_file = keras_cifar10.get_file
+keras_cifar10.get_file = lambda *a, **k: real_get_file(*a, **{{**k, "origin": {url!r}}})
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_no_arguments_trains_cifar10_and_a_failed_download_is_one_error_line(tmp_path, monkeypatch):
+    """`python train.py` alone means CIFAR-10 with its shipped recipe, downloaded through Keras. Offline
+    here: Keras's real download code runs in the child, pointed at a closed loopback port, with an empty
+    HOME and KERAS_HOME (no cached ~/.keras/datasets)."""
+    from test_data import closed_port_url
+
+    args = train.parse_args([])
+    assert args.dataset == "cifar10" and args.data_dir is None
+    assert {k: getattr(args, k) for k in train.RECIPES["cifar10"]} == train.RECIPES["cifar10"]
+    url = closed_port_url()
+    for var in ("HOME", "KERAS_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    script = OFFLINE_TRAIN.format(root=str(ROOT), url=url, train=str(ROOT / "train.py"))
+    r = run_cli("-c", script, cwd=tmp_path / "work")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not download CIFAR-10 (URL fetch failure on {url}")
+    assert last.endswith("; pass --data-dir DIR (pickles or train/ test/ folders)")
+    assert not (tmp_path / "work" / "runs").exists()  # nothing written for a run that never started
