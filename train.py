@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-import runtime  # noqa: E402,F401  (before keras: quiet TensorFlow start-up)
+import runtime  # noqa: E402  (before keras: quiet TensorFlow start-up)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -47,13 +47,25 @@ RECIPES = {
 }
 
 
-class EpochBatches(keras.utils.PyDataset):
-    """Shuffled, augmented one-hot batches; batch i of epoch e depends only on (seed, e, i)."""
+def pad_to_multiple(idx, order, multiple):
+    """(indices, sample weights) with the batch padded to a multiple of `multiple` (the devices it is
+    sharded over) by images from the start of `order`, weighted 0 so they count for nothing; the real
+    images are weighted (padded size / real size), so the batch's mean loss, which Keras takes over
+    the padded size, is their mean loss."""
+    extra = -len(idx) % multiple
+    weights = np.concatenate([np.full(len(idx), (len(idx) + extra) / max(len(idx), 1), np.float32),
+                              np.zeros(extra, np.float32)])
+    return np.concatenate([idx, np.resize(order, extra)]), weights
 
-    def __init__(self, x, y, num_classes, batch_size, seed, augment=None):
+
+class EpochBatches(keras.utils.PyDataset):
+    """Shuffled, augmented one-hot batches; batch i of epoch e depends only on (seed, e, i). With
+    `multiple` > 1 (several devices) every batch also has sample weights, the last one padded."""
+
+    def __init__(self, x, y, num_classes, batch_size, seed, augment=None, multiple=1):
         super().__init__()
         self.x, self.y, self.num_classes = x, y, num_classes
-        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.batch_size, self.seed, self.augment, self.multiple = batch_size, seed, augment, multiple
         self.epoch = 0
         self._order_epoch, self._order_cache = None, None
 
@@ -62,10 +74,13 @@ class EpochBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         idx = self._order()[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.multiple > 1:
+            idx, weights = pad_to_multiple(idx, self._order(), self.multiple)
         x = self.x[idx]
         if self.augment is not None:
             x = self.augment(x, np.random.default_rng([self.seed, self.epoch, i]))
-        return x.astype("float32"), keras.utils.to_categorical(self.y[idx], self.num_classes)
+        batch = x.astype("float32"), keras.utils.to_categorical(self.y[idx], self.num_classes)
+        return batch + (weights,) if self.multiple > 1 else batch
 
     def _order(self):
         """This epoch's permutation, drawn once per epoch rather than once per batch."""
@@ -78,6 +93,24 @@ class EpochBatches(keras.utils.PyDataset):
         # Keras calls this before each pass over the data is fetched (the first included), so the
         # counter counts passes; a callback's on_epoch_begin comes after batches are fetched ahead.
         self.epoch += 1
+
+
+class ShardableBatches(keras.utils.PyDataset):
+    """Validation batches for several devices: in order, each padded to a multiple of the devices
+    with images weighted 0 (accuracy and each batch's loss are exact; Keras weighs the last batch's
+    loss by its padded size when it averages over batches)."""
+
+    def __init__(self, x, y, num_classes, batch_size, multiple):
+        super().__init__()
+        self.x, self.y, self.num_classes, self.batch_size, self.multiple = x, y, num_classes, batch_size, multiple
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        idx = np.arange(i * self.batch_size, min(len(self.x), (i + 1) * self.batch_size))
+        idx, weights = pad_to_multiple(idx, np.arange(len(self.x)), self.multiple)
+        return self.x[idx].astype("float32"), keras.utils.to_categorical(self.y[idx], self.num_classes), weights
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -196,14 +229,17 @@ def learning_rate_schedule(name, peak, steps):
         peak / 25, decay_steps=max(1, steps - warmup), alpha=1e-3 / 25, warmup_target=peak, warmup_steps=warmup)
 
 
-def compile_model(model, args, steps):
+def compile_model(model, args, steps, weighted=False):
+    """AdamW (Adam without weight decay) on the schedule, label-smoothed cross-entropy, accuracy;
+    weighted: accuracy honours sample weights (the padded batches of several devices carry them)."""
     lr = learning_rate_schedule(args.schedule, args.learning_rate, steps)
     if args.weight_decay:
         optimizer = keras.optimizers.AdamW(lr, weight_decay=args.weight_decay)
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     else:
         optimizer = keras.optimizers.Adam(lr)
-    model.compile(optimizer=optimizer, metrics=["accuracy"],
+    model.compile(optimizer=optimizer, metrics=None if weighted else ["accuracy"],
+                  weighted_metrics=["accuracy"] if weighted else None,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing))
 
 
@@ -288,6 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/latest", help="RUN_DIR for the model, history, curves (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a finished run")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
+    p.add_argument("--devices", help="train data-parallel on N devices, 'all', or names gpu:0,gpu:1 (Keras's "
+                   "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple of N)")
     args = p.parse_args(argv)
     recipe = RECIPES["original" if args.recipe == "original" else args.dataset]
     for key, value in recipe.items():
@@ -298,11 +336,15 @@ def parse_args(argv=None):
 
 def train(args, extra_callbacks=()):
     run = Path(args.out)
-    backup, history_csv, model_path = run / "backup", run / "history.csv", run / "model.keras"
+    backup = run / "backup"
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run} is a file, not a folder; choose another --out")
     if (run / "results.json").is_file() and not backup.exists() and not args.overwrite:
         raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
+    devices = runtime.resolve_devices(args.devices)
+    if args.batch_size % len(devices):
+        raise ValueError(f"--batch-size {args.batch_size} does not divide evenly over {len(devices)} devices; "
+                         f"pass a multiple of {len(devices)}")
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)  # may fail: change nothing before
     if not backup.exists():  # a fresh start: nothing from an older run
@@ -314,11 +356,26 @@ def train(args, extra_callbacks=()):
     if not len(x_val):
         print("no validation images (--val-split 0, or one picture a class): the last epoch's model is kept, "
               "and no accuracy is measured", file=sys.stderr)
+    if len(devices) > 1:
+        print(f"data-parallel on {len(devices)} devices: {', '.join(devices)}")
+        with keras.distribution.DataParallel(devices=devices).scope():
+            seconds = fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, len(devices),
+                          extra_callbacks)
+    else:
+        seconds = fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, 1, extra_callbacks)
+    report(args, run, run / "model.keras", x_val, y_val, val_name, seconds)  # the saved model, on one device
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, multiple, extra_callbacks):
+    """Build, compile and fit the model (on the devices of the distribution in scope); returns the seconds."""
+    backup, history_csv, model_path = run / "backup", run / "history.csv", run / "model.keras"
     model = build_model(x_train.shape[1:], len(names), dtype=args.precision)
-    batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, AUGMENTATIONS[args.augment])
+    batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, AUGMENTATIONS[args.augment],
+                           multiple)
     backup_and_restore = AtomicBackupAndRestore(str(backup))
     batches.epoch = backup_and_restore.finished_epochs()  # a resumed run draws the batches it would have
-    compile_model(model, args, steps=args.epochs * len(batches))
+    compile_model(model, args, steps=args.epochs * len(batches), weighted=multiple > 1)
     callbacks = [
         HistoryCSV(history_csv),
         # Keep the best validation model; for CIFAR-10 the validation set is the test split, so keep the last
@@ -330,12 +387,13 @@ def train(args, extra_callbacks=()):
     ]
     start = time.time()
     val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names))) if len(x_val) else None
+    if val is not None and multiple > 1:
+        val = ShardableBatches(x_val, y_val, len(names), args.batch_size, multiple)
     # shuffle=False: EpochBatches already shuffles, as a pure function of (seed, epoch); Keras would also
     # shuffle the batch order with Python's global random state, which a resumed process does not share.
     model.fit(batches, validation_data=val, epochs=args.epochs, callbacks=callbacks, shuffle=False,
               verbose=2 if args.quiet else 1)
-    report(args, run, model_path, x_val, y_val, val_name, time.time() - start)
-    shutil.rmtree(backup, ignore_errors=True)
+    return time.time() - start
 
 
 def report(args, run, model_path, x_val, y_val, val_name, seconds):
@@ -355,7 +413,7 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)), "epochs": int(args.epochs),
                "wall_seconds_this_session": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}"
                f", {os.cpu_count()} cores", "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
-               "seed": args.seed, "backend": keras.backend.backend(), "devices": keras.distribution.list_devices(),
+               "seed": args.seed, "backend": keras.backend.backend(), "devices": runtime.resolve_devices(args.devices),
                "confusion_matrix": matrix.tolist(), "classes": names}
     write_text(run / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     if accuracy is not None:
