@@ -22,6 +22,11 @@ def _import_quietly():
         import keras
 
         keras.ops.convert_to_tensor(0.0)  # initialise the devices while stderr is silenced
+        if keras.backend.backend() != "tensorflow":
+            try:  # Keras imports TensorFlow on other backends too when it is installed (set_random_seed)
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass
     finally:
         os.dup2(saved, 2)
         os.close(saved)

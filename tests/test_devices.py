@@ -129,3 +129,10 @@ def test_data_parallel_training_matches_one_device(color_folder, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == ("error: --batch-size 8 does not divide "
                                                                        "evenly over 3 devices; pass a multiple of 3")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_start_up_is_quiet_on_both_backends(backend):
+    r = run_python("import runtime, keras\nkeras.utils.set_random_seed(0)\nprint(keras.backend.backend())",
+                   {"KERAS_BACKEND": backend})
+    assert r.returncode == 0 and r.stdout.strip() == backend and r.stderr == ""
