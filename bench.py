@@ -338,6 +338,10 @@ def main(argv=None):
         return memory_child(args.memory_child, args.seed)
     if min(args.n, args.naive_n, args.bf16_n, args.mobilenet_n) < 1:
         p.error("--n, --naive-n, --bf16-n and --mobilenet-n must be at least 1")
+    if args.memory_n < 0:
+        p.error("--memory-n must be at least 0 (0 skips the memory run)")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be 0 to {2**32 - 1}")
     sides = {s.strip() for s in args.sizes.split(",")}
     if not sides <= {"32", "64", "mobilenet"}:
         p.error(f"--sizes takes 32, 64 and mobilenet, got {args.sizes!r}")
@@ -373,7 +377,10 @@ def main(argv=None):
     report["elapsed_s"] = time.perf_counter() - start
     log(f"\nelapsed {report['elapsed_s']:.0f} s")
     if args.json:
-        write_text(args.json, json.dumps(report, indent=1) + "\n")
+        try:
+            write_text(args.json, json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            sys.exit(f"error: cannot write {args.json}: {e.strerror or e}")
         log(f"wrote {args.json}")
 
 

@@ -311,7 +311,31 @@ def check_images(model, images):
                          f"got {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
+    if height is None or width is None:
+        problem = _size_problem(model, images.shape[1:3])
+        if problem:
+            raise ValueError(f"the model cannot take {images.shape[1]}x{images.shape[2]} images: {problem}; "
+                             "pass larger images")
     return images
+
+
+def _size_problem(model, size):
+    """Why a model that takes any size cannot take images of this (H, W) (too small for its kernels
+    and poolings: a layer refuses the size, or an output is left with no pixels), or None. Worked out
+    once per size on symbolic tensors, through the nested models too; nothing runs."""
+    def find():
+        refs = all_layers(model)
+        spec = model.inputs[0]
+        x = keras.Input(batch_shape=(1,) + tuple(size) + tuple(spec.shape[3:]), dtype=spec.dtype)
+        found = {}
+        try:
+            _rerun(model, x, {ref.path: i for i, ref in enumerate(refs)}, found)
+        except Exception as e:  # Keras and the backends refuse a size in many ways
+            return f"its layers refuse that size ({type(e).__name__})"
+        empty = [path_name(refs[i]) for i, out in found.items() if len(out.shape) == 4 and 0 in out.shape[1:3]]
+        return f"layer {empty[0]!r} has no pixels left" if empty else None
+
+    return derived(model, ("size_problem", tuple(size)), find)
 
 
 def target_classes(class_index, probs):
@@ -321,9 +345,9 @@ def target_classes(class_index, probs):
         return probs.argmax(axis=1)
     try:
         targets = np.asarray(class_index)
-        if targets.dtype.kind not in "iu" or targets.ndim > 1:
+        if (targets.dtype.kind not in "iu" and targets.size) or targets.ndim > 1:  # [] is 0 ints
             raise TypeError
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: ragged lists
         raise ValueError(f"class_index must be None, an int or {n} ints, got {class_index!r}") from None
     targets = np.broadcast_to(targets.astype(np.int64), (n,)) if targets.ndim == 0 else targets.astype(np.int64)
     if targets.shape != (n,):

@@ -63,6 +63,8 @@ PAPER = {"Score-CAM": dict(avg_drop=31.5, increase=30.6, insertion_auc=0.386, de
          "Grad-CAM++": dict(avg_drop=45.5, increase=18.9, insertion_auc=0.346, deletion_auc=0.082)}
 STEPS = 32  # deletion / insertion steps: 33 points per curve
 BLUR_SIGMA = 5.0  # RISE's insertion blur, in pixels
+MAX_BLUR_SIGMA = 1000.0  # far past any image's size (the blur is then its mean colour); OpenCV's kernel grows with it
+SEEDS = 2**32  # seeds are 0 .. SEEDS - 1, as train.py's
 BOOTSTRAP = 1000
 TIME_CHUNK = 64
 
@@ -259,7 +261,15 @@ def evaluate(model, images, names=None, layer=None, steps=STEPS, batch_size=256,
     """Every metric of every method on images (N, H, W, 3) in [0, 255]: {"methods": ..., "curve_x": ...}."""
     names = list(names or METHODS)
     methods = method_functions(names, seed)
-    images = np.asarray(images, dtype=np.float32)
+    images = cam.check_images(model, images)
+    if len(images) == 0:
+        raise ValueError("no images to evaluate")
+    if not 1 <= steps <= images.shape[1] * images.shape[2]:
+        raise ValueError(f"steps must be 1 to the {images.shape[1] * images.shape[2]} pixels of an image, got {steps}")
+    if not 0 < sigma <= MAX_BLUR_SIGMA:
+        raise ValueError(f"the blur sigma must be above 0 and at most {MAX_BLUR_SIGMA:g} pixels, got {sigma}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
     probs = predict(model, images, batch_size)
     targets = probs.argmax(axis=1)
     y = probs[np.arange(len(images)), targets]
@@ -281,7 +291,7 @@ def evaluate(model, images, names=None, layer=None, steps=STEPS, batch_size=256,
             results[name]["sanity_spearman"] = {g: float(v.mean()) for g, v in per_group.items()}
             results[name]["sanity_spearman_ci"] = {g: bootstrap_ci(v, resamples, seed) for g, v in per_group.items()}
     return {"methods": results, "curve_x": np.round(x, 5).tolist(), "sanity_layers": groups,
-            "sanity_images": int(min(sanity_n, len(images)))}
+            "sanity_images": int(min(max(sanity_n, 0), len(images)))}
 
 
 # ---------------------------------------------------------------- reports
@@ -444,6 +454,15 @@ def parse_args(argv=None):
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.sanity_n < 0:
+        p.error("--sanity-n must be at least 0 (0: skip the sanity check)")
+    for name in ("seed", "split_seed"):
+        if not 0 <= getattr(args, name) < SEEDS:
+            p.error(f"--{name.replace('_', '-')} must be 0 to {SEEDS - 1}")
+    if not 0 < args.blur_sigma <= MAX_BLUR_SIGMA:  # NaN too
+        p.error(f"--blur-sigma must be above 0 and at most {MAX_BLUR_SIGMA:g} (pixels)")
+    if args.figure and Path(args.figure).suffix.lower() != ".png":
+        p.error(f"--figure must name a .png file, got {args.figure!r}")
     return args
 
 

@@ -35,7 +35,7 @@ def pick(n, count, seed):
 def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
     """The original experiment's figure for `count` fixed pictures: input + one heatmap per conv layer."""
     layers = [cam.path_name(ref) for ref in cam.conv_layers(model)]
-    idx = pick(len(images), count, seed)
+    idx = pick(len(images), min(count, len(images)), seed)
     x = images[idx].astype(np.float32)
     maps, probs = score_cam_layers(model, x, layers, precision="float32")
     for j, i in enumerate(idx):
@@ -104,7 +104,9 @@ def cifar_figures(data_dir, out):
     if found is None:
         return
     model, names, _, history_csv, _ = found
-    _, (x_test, y_test), _ = load_cifar10(data_dir, train=False)
+    _, (x_test, y_test), data_names = load_cifar10(data_dir, train=False)
+    if len(data_names) != len(names):
+        raise ValueError(f"the CIFAR-10 data has {len(data_names)} classes, the model {len(names)}")
     layer_figures(model, names, x_test, y_test, "cifar10", out)
     right_and_wrong_grid(model, names, x_test, y_test, out / "cifar10_grid.png")
     curves(history_csv, "CIFAR-10", "cifar10_", out)
@@ -154,6 +156,8 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=1000, help="images per model in the evaluation (default %(default)s)")
     p.add_argument("--only", choices=["cifar10", "characters"], help="regenerate one model's figures (default: both)")
     args = p.parse_args(argv)
+    if args.eval_n < 1:
+        p.error("--eval-n must be at least 1")
     out = Path(args.out)
     which = [args.only] if args.only else ["cifar10", "characters"]
     try:

@@ -24,8 +24,8 @@ def _gradient_cam(model, images, weigh, layer, class_index, batch_size):
     ref = cam.find_layer(model, layer)
     targets = np.full(len(images), -1, np.int64) if class_index is None else \
         cam.target_classes(class_index, np.zeros((len(images), cam.num_classes(model))))
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int of at least 1, got {batch_size!r}")
     maps = []
     for start in range(0, len(images), batch_size):
         acts, grads = cam.layer_gradients(model, ref, images[start:start + batch_size],

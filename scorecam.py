@@ -29,6 +29,13 @@ import cam
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cifar10.keras"
 
 
+def check_max_n(max_n):
+    """max_n as an int of at least 1, or None for every channel (None or 0); a clear ValueError otherwise."""
+    if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 0):
+        raise ValueError(f"max_n must be None or an int of at least 0 (0 and None: every channel), got {max_n!r}")
+    return int(max_n) if max_n else None
+
+
 def select_channels(activations, max_n):
     """Faster-Score-CAM: indices (N, max_n) of the channels with the largest spatial standard deviation."""
     std = activations.reshape(len(activations), -1, activations.shape[-1]).std(axis=1)
@@ -215,8 +222,7 @@ class _Explainer:
                              f"pass a multiple of {len(self.devices)}")
         if len(self.devices) > 1 and precision == "bfloat16":
             raise ValueError("devices= runs in float32; pass precision='float32' (or 'auto')")
-        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer))):
-            raise ValueError(f"max_n must be None or an int, got {max_n!r}")
+        max_n = check_max_n(max_n)
         refs = {ref.path: ref for ref in (cam.find_layer(model, layer) for layer in layers)}
         self.names = ["/".join(path) for path in refs]
         self.distribution = None
@@ -229,7 +235,7 @@ class _Explainer:
         self.classes = cam.num_classes(model)
         self.model = model
         self.batch_size = int(batch_size)
-        self.max_n = int(max_n) if max_n and max_n > 0 else None
+        self.max_n = max_n
         per_image = max(int(t.shape[-1]) for t in self.tapped.outputs[:-2])
         per_image = min(per_image, self.max_n or per_image)
         self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // per_image)
@@ -249,8 +255,8 @@ class _Explainer:
             elif images.shape[1:3] != self.size and len(images):
                 raise ValueError(f"all images of one call must share a size: {self.size} and {images.shape[1:3]}")
             n = len(images)
-            if np.ndim(class_index) and len(class_index) != n:
-                raise ValueError(f"class_index must be an int or {n} ints, got {len(class_index)}")
+            if class_index is not None:  # checked before any work: ints, one for all or one per image, in range
+                class_index = cam.target_classes(class_index, np.zeros((n, self.classes), np.float32))
             out = ({name: np.zeros((n,) + tuple(images.shape[1:3]), np.float32) for name in self.names},
                    np.zeros((n, self.classes), np.float32))
             for start in range(0, max(n, 1), self.chunk):
@@ -435,12 +441,13 @@ def score_cam_layers(model, images, layers=None, class_index=None, batch_size=25
     Layers (None: the last conv layer). Images go in chunks so memory stays bounded whatever N is."""
     layers = [None] if layers is None else list(layers)
     images = cam.check_images(model, images)
+    max_n = check_max_n(max_n)
     if len(runtime.resolve_devices(devices)) > 1:
         precision = "float32" if precision == "auto" else precision
     if precision == "auto":
         channels = sum(cam.explainable_cached(model, [cam.find_layer(model, layer)]).outputs[0].shape[-1]
                        for layer in layers)
-        passes = len(images) * min(channels, max_n * len(layers) if max_n and max_n > 0 else channels)
+        passes = len(images) * min(channels, max_n * len(layers) if max_n else channels)
         precision = resolve_precision(precision, model, layers, images, batch_size, passes)
     explainer = _Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices)
     return next(iter(explainer.explain([(images, class_index)])))
@@ -453,8 +460,9 @@ def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n
 
     layer: a name, path or Layer (None: the last conv layer), see cam.find_layer. class_index: None
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
-    only the max_n channels of largest spatial standard deviation. precision: "float32", "bfloat16"
-    (a bfloat16 copy of the model does the forward passes) or "auto" (measured: auto_precision).
+    only the max_n channels of largest spatial standard deviation (None or 0: every channel).
+    precision: "float32", "bfloat16" (a bfloat16 copy of the model does the forward passes) or "auto"
+    (measured: auto_precision).
     devices: None (one device), a count, "all" or device names: the masked batches are sharded over
     them with Keras's DataParallel distribution (JAX backend; batch_size a multiple of their number).
     """
@@ -484,7 +492,7 @@ def parse_class(value, class_names):
         return None
     if value in class_names:
         return class_names.index(value)
-    if value.lstrip("-").isdigit() and 0 <= int(value) < len(class_names):
+    if value.lstrip("-").isdecimal() and 0 <= int(value) < len(class_names):
         return int(value)
     raise ValueError(f"unknown --class {value!r}; classes: {', '.join(class_names)}")
 
@@ -671,6 +679,8 @@ def main(argv=None):
         p.error("--folder takes no IMAGE arguments and no --all-layers")
     if args.batch_size < 1 or args.read_batch < 1:
         p.error("--batch-size and --read-batch must be at least 1")
+    if args.max_n is not None and args.max_n < 0:
+        p.error("--max-n must be at least 0 (0: every channel)")
     args.many = len(args.images) > 1
     from data.images import ImageError, read_image
     from model import load_model
