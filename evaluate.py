@@ -177,7 +177,9 @@ def layer_groups(model):
 
 def reinitialise(layer, seed):
     """Re-draw every weight of a layer with its own initializer (seeded); weights without one get a
-    seeded Glorot uniform (2-D and more) or normal (stddev 0.05)."""
+    seeded Glorot uniform (2-D and more) or normal (stddev 0.05). Seeds are taken modulo 2**31: JAX
+    takes no larger one (sanity_check's seed * 100,000 passes 2**32 from --seed 42950)."""
+    seed %= 2**31
     for i, var in enumerate(layer.weights):
         init = getattr(layer, f"{var.name}_initializer", None)
         if isinstance(init, keras.initializers.Initializer):

@@ -567,6 +567,8 @@ def evaluate_argv(opts, paths):
                "--figure": "curves", "_broken": "--figure"})
 @example(opts={"--model": "model", "--data-dir": None, "--methods": "scorecam", "--steps": "1", "--sanity-n": "0",
                "--dataset": "cifar10", "_broken": "--dataset"})
+@example(opts={"--model": "model", "--data-dir": "data", "--methods": "scorecam", "--steps": "1", "--sanity-n": "1",
+               "--seed": "4294967295"})  # found under KERAS_BACKEND=jax: an OverflowError traceback (uint32 seeds)
 def test_evaluate_main_with_generated_options_gives_finite_results_or_one_error_line(opts, files, tmp_path_factory,
                                                                                        capsys):
     root = tmp_path_factory.mktemp("evaluate_cli")
