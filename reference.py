@@ -26,7 +26,8 @@ def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
     for k in channels:
         up = cv2.resize(acts[..., k], (width, height), interpolation=cv2.INTER_LINEAR)
         upsampled[k] = up
-        if up.max() > up.min():
+        if acts[..., k].max() > acts[..., k].min():  # constant at the layer's resolution: skipped, as the
+            # fast path does (cv2.resize can add rounding noise to a constant channel)
             masks.append((up - up.min()) / (up.max() - up.min()))
             used.append(k)
     heat = np.zeros((height, width), dtype=np.float32)
