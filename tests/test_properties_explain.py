@@ -228,6 +228,20 @@ def explain(models, case):
     return result, size, n, valid
 
 
+def result_or_clear_error(call, valid, what):
+    """call()'s result for a valid case, or None after one clear ValueError for an invalid one."""
+    try:
+        result = call()
+    except ValueError as e:
+        event("ValueError")
+        check_clear(e)
+        assert not valid, f"a valid call refused: {e}"
+        return None
+    event(what)
+    assert valid, "an invalid call gave a result"
+    return result
+
+
 # Found by the generated cases (each now one clear ValueError, or maps):
 # 1. a ragged class_index ([[0], [1, 1]]): NumPy's "setting an array element with a sequence ... inhomogeneous".
 # 2. grad_cam with batch_size 2.5 (TypeError), True (accepted as 1), "2" or None (TypeError).
@@ -248,15 +262,9 @@ def explain(models, case):
 @example(case={**VALID, "values": "inf", "dtype": "float16"})
 def test_explainers_on_generated_arrays_give_unit_maps_or_one_value_error(models, case):
     result, size, n, valid = explain(models, case)
-    try:
-        maps = result()
-    except ValueError as e:
-        event("ValueError")
-        check_clear(e)
-        assert not valid, f"a valid call refused: {e}"
+    maps = result_or_clear_error(result, valid, "maps")
+    if maps is None:
         return
-    event("maps")
-    assert valid, "an invalid call explained"
     for m in maps:
         check_maps(m, n, size)
 
@@ -365,16 +373,11 @@ def test_evaluate_on_tiny_samples_gives_finite_metrics_or_one_value_error(models
               "black": np.zeros(shape)}[case["values"]].astype(np.float32)
     valid = (case["n"] >= 1 and 1 <= case["steps"] <= FIXED_SIDE ** 2 and 0 < case["sigma"] <= evaluate.MAX_BLUR_SIGMA
              and case["resamples"] >= 1)
-    try:
-        results = evaluate.evaluate(model, images, case["methods"], steps=case["steps"], batch_size=64,
-                                    sigma=case["sigma"], sanity_n=case["sanity_n"], resamples=case["resamples"])
-    except ValueError as e:
-        event("ValueError")
-        check_clear(e)
-        assert not valid, f"a valid call refused: {e}"
+    results = result_or_clear_error(lambda: evaluate.evaluate(
+        model, images, case["methods"], steps=case["steps"], batch_size=64, sigma=case["sigma"],
+        sanity_n=case["sanity_n"], resamples=case["resamples"]), valid, "results")
+    if results is None:
         return
-    event("results")
-    assert valid
     check_results(results, case["methods"], case["n"], case["sanity_n"])
 
 
