@@ -45,12 +45,13 @@ def test_stream_of_uneven_batches_equals_one_shot(small):
     one_shot, probs = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=10)
     sizes = [2, 0, 1, 4]
     batches = (images[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes)))
-    streamed = list(score_cam_stream(model, batches, layers=["conv1", "conv2"], batch_size=10))
+    streamed = list(score_cam_stream(model, batches, layers=["conv1", "conv2"], batch_size=10, precision="float32"))
     assert [len(p) for _, p in streamed] == sizes
     for key in ("conv1", "conv2"):
         np.testing.assert_allclose(np.concatenate([m[key] for m, _ in streamed]), one_shot[key], atol=1e-5)
     np.testing.assert_allclose(np.concatenate([p for _, p in streamed]), probs, atol=1e-6)
-    single = list(score_cam_stream(model, iter([images[:3], images[3:]]), layer="conv2", max_n=4))
+    single = list(score_cam_stream(model, iter([images[:3], images[3:]]), layer="conv2", max_n=4,
+                                   precision="float32"))
     np.testing.assert_allclose(np.concatenate(single), score_cam(model, images, layer="conv2", max_n=4), atol=1e-5)
 
 
@@ -60,8 +61,9 @@ def test_stream_of_a_labelled_dataset_explains_the_labels(small):
     model, images = small
     labels = np.array([0, 1, 2, 3, 4, 0, 1])
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(3)
-    maps = list(score_cam_stream(model, dataset.as_numpy_iterator(), class_index="labels"))
-    np.testing.assert_allclose(np.concatenate(maps), score_cam(model, images, class_index=labels), atol=1e-5)
+    maps = list(score_cam_stream(model, dataset.as_numpy_iterator(), class_index="labels", precision="float32"))
+    np.testing.assert_allclose(np.concatenate(maps), score_cam(model, images, class_index=labels, precision="float32"),
+                               atol=1e-5)
     with pytest.raises(ValueError, match="needs \\(images, labels\\) batches"):
         list(score_cam_stream(model, [images], class_index="labels"))
 
