@@ -8,6 +8,7 @@ RUN_DIR gets model.keras (+ model.classes.json), history.csv, acc.png, loss.png 
 results.json. Rerunning with the same --out resumes an interrupted run where it stopped.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -26,7 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from atomic import atomic_path, write_text  # noqa: E402
-from data.augment import AUGMENTATIONS  # noqa: E402
+from data.augment import AUGMENTATIONS, EXTRAS, MIXES, augmentation  # noqa: E402
 from model import build_model, load_model, save_model  # noqa: E402
 
 MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the picture
@@ -37,13 +38,14 @@ MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the
 # A small folder needs many small batches: batch 64 for 60 epochs reached 65 % on the characters, batch 32 for
 # 100 epochs over 80 %.
 # "original" is the original experiment's plain Adam 3e-4, 48 epochs, no augmentation.
+# No recipe mixes labels or averages weights yet (mix="none", ema_momentum=0): issue 16's sweep decides.
 RECIPES = {
     "original": dict(epochs=48, batch_size=256, learning_rate=3e-4, schedule="constant", augment="none",
-                     label_smoothing=0.0, weight_decay=0.0, precision="float32"),
+                     label_smoothing=0.0, weight_decay=0.0, precision="float32", mix="none", ema_momentum=0.0),
     "cifar10": dict(epochs=220, batch_size=256, learning_rate=2e-3, schedule="onecycle", augment="crop-flip",
-                    label_smoothing=0.1, weight_decay=0.01, precision="float32"),
+                    label_smoothing=0.1, weight_decay=0.01, precision="float32", mix="none", ema_momentum=0.0),
     "folder": dict(epochs=100, batch_size=32, learning_rate=2e-3, schedule="onecycle", augment="rotate-shift-flip",
-                   label_smoothing=0.1, weight_decay=0.05, precision="float32"),
+                   label_smoothing=0.1, weight_decay=0.05, precision="float32", mix="none", ema_momentum=0.0),
 }
 
 
@@ -59,13 +61,15 @@ def pad_to_multiple(idx, order, multiple):
 
 
 class EpochBatches(keras.utils.PyDataset):
-    """Shuffled, augmented one-hot batches; batch i of epoch e depends only on (seed, e, i). With
-    `multiple` > 1 (several devices) every batch also has sample weights, the last one padded."""
+    """Shuffled, augmented one-hot batches; batch i of epoch e depends only on (seed, e, i). `augment`
+    (pixels, generator) -> pixels, then `mix` (pixels, one-hot labels, generator) -> (pixels, soft labels)
+    draw from one generator seeded by (seed, e, i). With `multiple` > 1 (several devices) every batch
+    also has sample weights, the last one padded."""
 
-    def __init__(self, x, y, num_classes, batch_size, seed, augment=None, multiple=1):
+    def __init__(self, x, y, num_classes, batch_size, seed, augment=None, multiple=1, mix=None):
         super().__init__()
         self.x, self.y, self.num_classes = x, y, num_classes
-        self.batch_size, self.seed, self.augment, self.multiple = batch_size, seed, augment, multiple
+        self.batch_size, self.seed, self.augment, self.multiple, self.mix = batch_size, seed, augment, multiple, mix
         self.epoch = 0
         self._order_epoch, self._order_cache = None, None
 
@@ -76,10 +80,13 @@ class EpochBatches(keras.utils.PyDataset):
         idx = self._order()[i * self.batch_size:(i + 1) * self.batch_size]
         if self.multiple > 1:
             idx, weights = pad_to_multiple(idx, self._order(), self.multiple)
-        x = self.x[idx]
+        x, y = self.x[idx], keras.utils.to_categorical(self.y[idx], self.num_classes)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         if self.augment is not None:
-            x = self.augment(x, np.random.default_rng([self.seed, self.epoch, i]))
-        batch = x.astype("float32"), keras.utils.to_categorical(self.y[idx], self.num_classes)
+            x = self.augment(x, rng)
+        if self.mix is not None:  # after augment, so the draws of a run without mixing stay as they were
+            x, y = self.mix(x, y, rng)
+        batch = x.astype("float32", copy=False), y
         return batch + (weights,) if self.multiple > 1 else batch
 
     def _order(self):
@@ -137,12 +144,13 @@ class HistoryCSV(keras.callbacks.Callback):
 class SaveBest(keras.callbacks.Callback):
     """Atomically save the model (float32) when `monitor` improves, or every epoch if monitor is None.
 
-    The best score so far is read back from history.csv, so a resumed run keeps it."""
+    The best score so far is read back from history.csv, so a resumed run keeps it. With `averaged`, the
+    keras.callbacks.SwapEMAWeights of an optimizer with use_ema=True, the file holds the averaged weights."""
 
-    def __init__(self, path, class_names, history_csv, monitor="val_accuracy", display_names=None):
+    def __init__(self, path, class_names, history_csv, monitor="val_accuracy", display_names=None, averaged=None):
         super().__init__()
         self.path, self.class_names, self.display_names = path, class_names, display_names
-        self.history_csv, self.monitor, self.best = history_csv, monitor, None
+        self.history_csv, self.monitor, self.best, self.averaged = history_csv, monitor, None, averaged
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.best is None and self.monitor:
@@ -159,7 +167,25 @@ class SaveBest(keras.callbacks.Callback):
         score = (logs or {}).get(self.monitor) if self.monitor else None
         if self.monitor is None or score > self.best:
             self.best = score
-            save_model(self.model, self.path, self.class_names, self.display_names)
+            with averaged_weights(self.averaged):
+                save_model(self.model, self.path, self.class_names, self.display_names)
+
+
+@contextlib.contextmanager
+def averaged_weights(swap):
+    """The optimizer's moving averages in the model's trainable weights for the block, the live weights
+    after it (nothing to do when `swap` is None). `swap` is the keras.callbacks.SwapEMAWeights that puts
+    them in for validation; its hooks for an evaluation do the same swap, and keep its own record of
+    which weights are in the model. (Its swap_on_epoch=True would leave them swapped for every later
+    callback of the epoch, the backup included, which must save the live weights.)"""
+    if swap is None:
+        yield
+        return
+    swap.on_test_begin()
+    try:
+        yield
+    finally:
+        swap.on_test_end()
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -231,13 +257,16 @@ def learning_rate_schedule(name, peak, steps):
 
 def compile_model(model, args, steps, weighted=False):
     """AdamW (Adam without weight decay) on the schedule, label-smoothed cross-entropy, accuracy;
-    weighted: accuracy honours sample weights (the padded batches of several devices carry them)."""
+    weighted: accuracy honours sample weights (the padded batches of several devices carry them).
+    ema_momentum > 0: the optimizer also keeps an exponential moving average of the trainable weights
+    (Keras's use_ema; updated every step, in the optimizer's state, so the backup holds it)."""
     lr = learning_rate_schedule(args.schedule, args.learning_rate, steps)
+    ema = dict(use_ema=True, ema_momentum=args.ema_momentum) if args.ema_momentum else {}
     if args.weight_decay:
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=args.weight_decay)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=args.weight_decay, **ema)
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     else:
-        optimizer = keras.optimizers.Adam(lr)
+        optimizer = keras.optimizers.Adam(lr, **ema)
     model.compile(optimizer=optimizer, metrics=None if weighted else ["accuracy"],
                   weighted_metrics=["accuracy"] if weighted else None,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing))
@@ -245,12 +274,17 @@ def compile_model(model, args, steps, weighted=False):
 
 def load_data(args):
     """(x_train, y_train, x_val, y_val, class_names, display_names, what the validation set is)."""
+    from data.folder import load_image_folder, stratified_split
+
     if args.dataset == "cifar10":
         from data.cifar10 import load_cifar10
 
-        (x_train, y_train), (x_val, y_val), names = load_cifar10(args.data_dir)
-        return x_train, y_train, x_val, y_val, names, None, "test"
-    from data.folder import load_image_folder
+        (x_train, y_train), (x_test, y_test), names = load_cifar10(args.data_dir)
+        if not args.val_split:  # validate on the test split (and keep the last epoch: see fit)
+            return x_train, y_train, x_test, y_test, names, None, "test"
+        # choose on training pictures held out as for folders (0.1: 500 a class), never on the test split
+        train, val = stratified_split(y_train, args.val_split, args.seed)
+        return x_train[train], y_train[train], x_train[val], y_train[val], names, None, "validation"
 
     if not args.data_dir:
         raise ValueError("--dataset folder needs --data-dir")
@@ -298,6 +332,15 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def _augmentation(text):
+    """An argparse type: an --augment spec that data.augment.augmentation accepts."""
+    try:
+        augmentation(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10",
@@ -306,8 +349,11 @@ def parse_args(argv=None):
                                       "folder: one subfolder per class")
     p.add_argument("--image-size", type=_number(int, MIN_IMAGE_SIZE), default=64,
                    help=f"folder: images are resized to this square size, at least {MIN_IMAGE_SIZE} (default: 64)")
-    p.add_argument("--val-split", type=_number(float, 0.0, 1.0, high_open=True), default=0.2,
-                   help="folder: fraction held out, stratified; 0 trains on every picture, without validation")
+    p.add_argument("--val-split", type=_number(float, 0.0, 1.0, high_open=True),
+                   help="fraction of the training pictures held out for validation, stratified, seeded by --seed "
+                        "(folder default 0.2; 0 trains on every picture, without validation); cifar10 default 0: "
+                        "validate on the test split and keep the last epoch; 0.1 holds out 5,000 training pictures "
+                        "and keeps the best epoch on them")
     p.add_argument("--names", help="folder: TSV folder<TAB>display name, shown in figures")
     p.add_argument("--recipe", choices=["default", "original"], default="default",
                    help="default: the dataset's tuned recipe; original: plain Adam 3e-4, no augmentation, 48 epochs")
@@ -317,7 +363,13 @@ def parse_args(argv=None):
                      ("weight-decay", _number(float, 0.0))):
         p.add_argument(f"--{opt}", type=typ, help="(default: from the recipe)")
     p.add_argument("--schedule", choices=["constant", "onecycle"])
-    p.add_argument("--augment", choices=sorted(AUGMENTATIONS))
+    p.add_argument("--augment", type=_augmentation, metavar="|".join(AUGMENTATIONS) + "[+EXTRA...]",
+                   help=f"per-picture augmentation, then extras in the order written: {', '.join(EXTRAS)} "
+                        "(e.g. crop-flip+cutout)")
+    p.add_argument("--mix", choices=list(MIXES), help="batch-level label mixing with soft labels (default none)")
+    p.add_argument("--ema-momentum", type=_number(float, 0.0, 1.0, high_open=True),
+                   help="evaluate and save an exponential moving average of the weights with this momentum "
+                        "(e.g. 0.999); 0 (default) trains without one")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], help="mixed_bfloat16 is faster on CPUs with "
                                                                               "AVX-512 BF16 and on recent GPUs")
     p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
@@ -327,6 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--devices", help="train data-parallel on N devices, 'all', or names gpu:0,gpu:1 (Keras's "
                    "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple of N)")
     args = p.parse_args(argv)
+    if args.val_split is None:
+        args.val_split = 0.2 if args.dataset == "folder" else 0.0
     recipe = RECIPES["original" if args.recipe == "original" else args.dataset]
     for key, value in recipe.items():
         if getattr(args, key) is None:
@@ -371,17 +425,25 @@ def fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, mul
     """Build, compile and fit the model (on the devices of the distribution in scope); returns the seconds."""
     backup, history_csv, model_path = run / "backup", run / "history.csv", run / "model.keras"
     model = build_model(x_train.shape[1:], len(names), dtype=args.precision)
-    batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, AUGMENTATIONS[args.augment],
-                           multiple)
+    batches = EpochBatches(x_train, y_train, len(names), args.batch_size, args.seed, augmentation(args.augment),
+                           multiple, MIXES[args.mix])
     backup_and_restore = AtomicBackupAndRestore(str(backup))
     batches.epoch = backup_and_restore.finished_epochs()  # a resumed run draws the batches it would have
     compile_model(model, args, steps=args.epochs * len(batches), weighted=multiple > 1)
+    # With an average of the weights: validation (inside fit, before the epoch's callbacks) and the saved model
+    # use the average; training and the backup, the live weights (the average is in the optimizer's state).
+    # BatchNormalization's moving mean and variance are not averaged (Keras averages trainable weights only),
+    # so the model pairs averaged weights with statistics gathered over the last ~100 steps (momentum 0.99)
+    # of the live ones. Validation measures exactly that pairing, so any harm shows in the accuracy a run is
+    # chosen on; and at the end of a one-cycle schedule the weights hardly move, so the two agree.
+    averaged = keras.callbacks.SwapEMAWeights() if args.ema_momentum else None
     callbacks = [
+        *([averaged] if averaged is not None else []),  # first: the average is in place for validation
         HistoryCSV(history_csv),
         # Keep the best validation model; for CIFAR-10 the validation set is the test split, so keep the last
         # epoch instead of choosing on the test set (and without validation images, the last one too).
         SaveBest(model_path, names, history_csv, monitor="val_accuracy" if val_name != "test" and len(x_val) else None,
-                 display_names=display),
+                 display_names=display, averaged=averaged),
         backup_and_restore,  # after the epoch's files are written
         *extra_callbacks,
     ]
@@ -413,7 +475,8 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)), "epochs": int(args.epochs),
                "wall_seconds_this_session": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}"
                f", {os.cpu_count()} cores", "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
-               "seed": args.seed, "backend": keras.backend.backend(), "devices": runtime.resolve_devices(args.devices),
+               "val_split": args.val_split, "seed": args.seed, "backend": keras.backend.backend(),
+               "devices": runtime.resolve_devices(args.devices),
                "confusion_matrix": matrix.tolist(), "classes": names}
     write_text(run / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     if accuracy is not None:

@@ -16,17 +16,24 @@ import runtime  # noqa: E402,F401  (quiet TensorFlow start-up before keras)
 
 
 # The backend-sensitive subset, run a second time with KERAS_BACKEND=jax (README's test command):
-# module -> the tests to run there (None: all of them). Everything else is backend-neutral NumPy,
-# file handling or command-line plumbing already covered on TensorFlow.
+# module -> name fragments of the tests to run there (None: all of them). The model, Score-CAM's known
+# answers and its fast path against the plain computation, the bfloat16 copy, every gradient method
+# (the one per-backend function), models of any input size, training resumed after a kill, and the
+# command line. Everything else is backend-neutral NumPy, file handling or command-line plumbing
+# already covered on TensorFlow; JAX compiles each new shape, so each test here costs seconds.
 JAX_SUBSET = {
-    "test_model.py": None,
-    "test_scorecam.py": None,
-    "test_fast_paths.py": None,
+    "test_model.py": ("parameter_count", "takes_pixels", "save_and_load", "class_count"),
+    "test_scorecam.py": ("known_answer", "constant_channels", "matches_reference", "low_resolution", "default_layer",
+                         "all_layers_from_one_call", "bad_arguments", "normalise"),
+    "test_fast_paths.py": ("naive_reference", "uneven_batches", "chunk_and_batch", "only_max_n", "bfloat16_copy_agrees",
+                           "auto_precision"),
     "test_gradcam.py": None,
-    "test_any_model.py": None,
     "test_signed_answers.py": None,
-    "test_train.py": ("resume", "kill"),
-    "test_scorecam_cli.py": ("good_missing", "nested_model"),
+    "test_any_model.py": ("sigmoid", "any_input_size", "gradient_methods", "layer_cam_by_hand", "layer_lookup",
+                          "multi_input", "wrong_shape"),
+    "test_train.py": ("sigkill",),
+    "test_regularise.py": ("resumes", "average"),
+    "test_scorecam_cli.py": ("good_missing", "jpeg[gradcampp]"),
 }
 
 
@@ -64,16 +71,20 @@ def write_image(path, array):
     return path
 
 
-@pytest.fixture
-def color_folder(tmp_path):
+def make_color_folder(folder):
     """Three classes told apart by colour: red, green, blue pictures, 40x40, 10 each."""
     rng = np.random.default_rng(0)
     for k, name in enumerate(["red", "green", "blue"]):
         for i in range(10):
             a = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
             a[..., k] += 180
-            write_image(tmp_path / "colors" / name / f"{i}.png", a)
-    return tmp_path / "colors"
+            write_image(folder / name / f"{i}.png", a)
+    return folder
+
+
+@pytest.fixture
+def color_folder(tmp_path):
+    return make_color_folder(tmp_path / "colors")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""Several devices: Score-CAM's masked batches sharded over virtual CPU devices (JAX, in a subprocess
-with XLA_FLAGS=--xla_force_host_platform_device_count=4) give the single-device maps; bad device
-options are one clear error on every backend."""
+"""Several devices: Score-CAM's masked batches sharded over virtual CPU devices (JAX, in one subprocess
+with XLA_FLAGS=--xla_force_host_platform_device_count=4) give the single-device maps, the folder command
+on two devices writes the single-device overlays, data-parallel training logs the single-device losses;
+bad device options are one clear error on every backend."""
 import json
 import os
 import subprocess
@@ -10,24 +11,41 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli, write_image
+from conftest import ROOT, make_color_folder, run_cli, write_image
 
 FOUR_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
+# Every multi-device check in one process: starting JAX with 4 virtual devices costs seconds each time.
+# The commands run through their main(argv), their exit status and stderr captured as a shell sees them.
 SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
+import contextlib, io, json, sys
+root, pics, tiny, folder, tmp = sys.argv[1:6]
+sys.path.insert(0, root)
 import runtime, keras, numpy as np
-import scorecam
+import scorecam, train
 from model import build_model
+
+
+def command(main, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main(argv)
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 keras.utils.set_random_seed(0)
 model = build_model((16, 16, 3), 5)
 x = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")
-one = scorecam.score_cam_layers(model, x, ["block2_conv1", "block4_conv3"], precision="float32", batch_size=64)
+layers = ["block2_conv1", "block4_conv3"]
+one = scorecam.score_cam_layers(model, x, layers, precision="float32", batch_size=64)
 out = {"devices": keras.distribution.list_devices()}
-for devices, batch in (("all", 64), (["cpu:1", "cpu:3"], 6)):
-    many = scorecam.score_cam_layers(model, x, ["block2_conv1", "block4_conv3"], batch_size=batch, devices=devices)
-    out[str(devices)] = max(float(np.abs(many[0][k] - one[0][k]).max()) for k in one[0])
+for devices, batch, names in (("all", 64, layers), (["cpu:1", "cpu:3"], 34, layers[1:])):  # each new shape compiles
+    many = scorecam.score_cam_layers(model, x, names, batch_size=batch, devices=devices)
+    out[str(devices)] = max(float(np.abs(many[0][k] - one[0][k]).max()) for k in names)
     out[str(devices) + "_probs"] = float(np.abs(many[1] - one[1]).max())
 for devices, batch in ((5, 64), (4, 6), ("tpu:0", 4), (0, 4)):
     try:
@@ -35,6 +53,13 @@ for devices, batch in ((5, 64), (4, 6), ("tpu:0", 4), (0, 4)):
         out[f"error {devices} {batch}"] = None
     except ValueError as e:
         out[f"error {devices} {batch}"] = str(e)
+for name, extra in (("one", []), ("two", ["--devices", "2"]), ("bad", ["--batch-size", "63", "--devices", "2"])):
+    out["folder " + name] = command(scorecam.main, ["--folder", pics, "--out", f"{tmp}/{name}", "--model", tiny,
+                                                    "--batch-size", "64", "--precision", "float32", *extra])
+common = ["--dataset", "folder", "--data-dir", folder, "--image-size", "16", "--epochs", "2", "--batch-size", "8",
+          "--quiet"]
+for devices in ("1", "4", "3"):
+    out["train " + devices] = command(train.main, [*common, "--out", f"{tmp}/train{devices}", "--devices", devices])
 print(json.dumps(out))
 """
 
@@ -45,10 +70,20 @@ def run_python(code, env_extra, *args):
                           timeout=600, env=env)
 
 
-def test_sharded_score_cam_equals_one_device_and_refuses_bad_device_options():
-    r = run_python(SCRIPT, FOUR_DEVICES, ROOT)
+def test_four_virtual_devices_give_the_single_device_results_and_refuse_bad_options(tmp_path, tiny_model_path):
+    """One JAX process with 4 virtual devices (SCRIPT): sharded Score-CAM equals one device (maps 1e-5);
+    the folder command on two devices writes the single-device overlays; 2 epochs of data-parallel
+    training on 4 devices (the 6 validation pictures padded to 8, weighted 0) log every loss and
+    accuracy within 1e-4 of one device's (measured: 1e-6); bad device options are one clear error."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_image(tmp_path / "pics" / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    make_color_folder(tmp_path / "colors")
+    r = run_python(SCRIPT, FOUR_DEVICES, ROOT, tmp_path / "pics", tiny_model_path, tmp_path / "colors", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
+
+    # score_cam(..., devices=)
     assert out["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     for devices in ("all", "['cpu:1', 'cpu:3']"):
         assert out[devices] < 1e-5 and out[devices + "_probs"] < 1e-6, (devices, out)
@@ -57,29 +92,33 @@ def test_sharded_score_cam_equals_one_device_and_refuses_bad_device_options():
     assert "unknown device(s) tpu:0" in out["error tpu:0 4"]
     assert "at least 1" in out["error 0 4"]
 
-
-def test_folder_cli_on_two_devices_writes_the_same_overlays(tmp_path, tiny_model_path):
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        write_image(tmp_path / "pics" / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    # scorecam.py --folder --devices 2
     runs = {}
-    for name, extra in (("one", []), ("two", ["--devices", "2"])):
-        env = dict(os.environ, **FOUR_DEVICES)
-        r = subprocess.run([sys.executable, "scorecam.py", "--folder", tmp_path / "pics", "--out", tmp_path / name,
-                            "--model", tiny_model_path, "--batch-size", "64", "--precision", "float32", *extra],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("one", "two"):
+        assert out["folder " + name]["status"] == 0, out["folder " + name]["stderr"][-2000:]
         runs[name] = {p.name: np.asarray(Image.open(p), np.int16) for p in (tmp_path / name).iterdir()}
     assert sorted(runs["one"]) == [f"{i}_scorecam.png" for i in range(5)] == sorted(runs["two"])
     for key, image in runs["one"].items():
         assert np.abs(image - runs["two"][key]).max() <= 1  # the same maps, up to rounding of the colours
-    env = dict(os.environ, **FOUR_DEVICES)
-    r = subprocess.run([sys.executable, "scorecam.py", "--folder", tmp_path / "pics", "--out", tmp_path / "bad",
-                        "--model", tiny_model_path, "--batch-size", "63", "--devices", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 1 and r.stderr.strip() == ("error: --batch-size 63 does not divide evenly over 2 "
-                                                      "devices; pass a multiple of 2")
+    bad = out["folder bad"]
+    assert bad["status"] == 1 and bad["stderr"].strip() == ("error: --batch-size 63 does not divide evenly over 2 "
+                                                            "devices; pass a multiple of 2")
     assert not (tmp_path / "bad").exists()
+
+    # train.py --devices 4
+    for devices in ("1", "4"):
+        assert out["train " + devices]["status"] == 0, out["train " + devices]["stderr"][-2000:]
+    assert "data-parallel on 4 devices" in out["train 4"]["stdout"]
+    histories = {d: (tmp_path / f"train{d}" / "history.csv").read_text().splitlines() for d in ("1", "4")}
+    one, four = ([list(map(float, row.split(","))) for row in h[1:]] for h in (histories["1"], histories["4"]))
+    assert histories["1"][0] == histories["4"][0] and len(one) == len(four) == 2
+    np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)
+    results = json.loads((tmp_path / "train4" / "results.json").read_text())
+    assert results["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"] and results["backend"] == "jax"
+    bad = out["train 3"]
+    assert bad["status"] == 1 and bad["stderr"].strip().splitlines()[-1] == (
+        "error: --batch-size 8 does not divide evenly over 3 devices; pass a multiple of 3")
+    assert not (tmp_path / "train3").exists()
 
 
 def test_several_devices_on_tensorflow_say_to_use_jax(tmp_path, tiny_model_path):
@@ -104,31 +143,6 @@ def test_an_unknown_backend_is_one_error_line(tmp_path):
     r = run_python("import runtime", {"KERAS_BACKEND": "theano"})
     assert r.returncode == 1 and r.stderr.strip() == ("error: unknown KERAS_BACKEND 'theano'; use tensorflow "
                                                       "(the default) or jax")
-
-
-def test_data_parallel_training_matches_one_device(color_folder, tmp_path):
-    """2 epochs on 4 virtual devices (the 6 validation pictures padded to 8, weighted 0) against one
-    device: every logged loss and accuracy within 1e-4 (measured: 1e-6); an uneven batch is one error."""
-    histories = {}
-    common = ["--dataset", "folder", "--data-dir", color_folder, "--image-size", "16", "--epochs", "2",
-              "--batch-size", "8", "--quiet"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **FOUR_DEVICES)
-    for devices in ("1", "4"):
-        r = subprocess.run([sys.executable, "train.py", *map(str, common), "--out", tmp_path / devices,
-                            "--devices", devices], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
-        histories[devices] = (tmp_path / devices / "history.csv").read_text().splitlines()
-    assert "data-parallel on 4 devices" in r.stdout
-    one, four = ([list(map(float, row.split(","))) for row in h[1:]] for h in (histories["1"], histories["4"]))
-    assert histories["1"][0] == histories["4"][0] and len(one) == len(four) == 2
-    np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-5)
-    results = json.loads((tmp_path / "4" / "results.json").read_text())
-    assert results["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"] and results["backend"] == "jax"
-    r = subprocess.run([sys.executable, "train.py", *map(str, common), "--out", tmp_path / "bad", "--devices", "3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == ("error: --batch-size 8 does not divide "
-                                                                       "evenly over 3 devices; pass a multiple of 3")
-    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])

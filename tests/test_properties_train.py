@@ -101,7 +101,9 @@ classes = st.lists(class_files, min_size=2, max_size=5)
 options = st.fixed_dictionaries({
     "--epochs": st.integers(1, 3), "--batch-size": st.one_of(st.integers(1, 8), st.integers(9, 512)),
     "--schedule": st.sampled_from(["constant", "onecycle"]),
-    "--augment": st.sampled_from(["none", "crop-flip", "rotate-shift-flip"]),
+    "--augment": st.sampled_from(["none", "crop-flip", "rotate-shift-flip", "crop-flip+cutout",
+                                  "rotate-shift-flip+randaugment+cutout", "none+randaugment"]),
+    "--mix": st.sampled_from(["none", "mixup", "cutmix"]), "--ema-momentum": st.sampled_from([0.0, 0.9]),
     "--precision": st.sampled_from(["float32", "mixed_bfloat16"]),
     "--val-split": st.sampled_from([0.0, 0.1, 0.2, 0.5, 0.9]), "--image-size": st.sampled_from([16, 17, 24]),
     "--seed": st.integers(0, 3)})
@@ -216,7 +218,8 @@ valid_cli_options = st.tuples(
         "--val-split": st.sampled_from(["0", "0.5", "0.9"]), "--learning-rate": st.sampled_from(["1e-3", "0.5"]),
         "--label-smoothing": st.sampled_from(["0", "0.9"]), "--weight-decay": st.sampled_from(["0", "0.1"]),
         "--schedule": st.sampled_from(["constant", "onecycle"]),
-        "--augment": st.sampled_from(["none", "crop-flip", "rotate-shift-flip"]),
+        "--augment": st.sampled_from(["none", "crop-flip", "rotate-shift-flip", "crop-flip+randaugment+cutout"]),
+        "--mix": st.sampled_from(["mixup", "cutmix"]), "--ema-momentum": st.sampled_from(["0", "0.99"]),
         "--precision": st.sampled_from(["float32", "mixed_bfloat16"]), "--seed": st.sampled_from(["0", "4294967295"]),
         "--recipe": st.sampled_from(["default", "original"])})).map(
     lambda t: {"--dataset": t[0][0], "--data-dir": t[0][1], **t[1]})
@@ -224,7 +227,8 @@ BREAKS = [("--dataset", "imagenet"), ("--data-dir", None), ("--data-dir", "missi
           ("--data-dir", "one class"), ("--data-dir", "malicious pickles"), ("--epochs", "0"), ("--epochs", "x"),
           ("--batch-size", "0"), ("--batch-size", "2.5"), ("--image-size", "8"), ("--val-split", "1"),
           ("--val-split", "nan"), ("--learning-rate", "inf"), ("--label-smoothing", "1.5"), ("--weight-decay", "-1"),
-          ("--schedule", "cyclic"), ("--augment", "mixup"), ("--precision", "float8"), ("--seed", "-5"),
+          ("--schedule", "cyclic"), ("--augment", "mixup"), ("--augment", "crop-flip+cutout+cutout"), ("--mix", "cutout"),
+          ("--ema-momentum", "1"), ("--precision", "float8"), ("--seed", "-5"),
           ("--recipe", "best"), ("--out", "a file")]
 cli_options = st.tuples(valid_cli_options, st.one_of(st.none(), st.sampled_from(BREAKS))).map(
     lambda t: {**t[0], **dict([t[1]] if t[1] else [])})
