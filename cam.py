@@ -198,8 +198,9 @@ def _rerun(model, x, wanted, found):
             found[key] = _scores(layer, args[0], out)
         elif key is not None:
             found[key] = out
-            if ("delta", key) in found:  # the zero perturbation the gradient is taken against
-                out = keras.ops.add(out, found[("delta", key)])
+            if ("delta", key) in found:  # the zero perturbation the gradient is taken against; named, as
+                # keras.ops.add's automatic name can be the model's own "add" (a fresh name counter)
+                out = keras.layers.Add(name=f"score_cam_delta{key}")([out, found[("delta", key)]])
         return out
 
     if isinstance(model, keras.Sequential):
