@@ -162,7 +162,7 @@ class _PreActivation(keras.layers.Layer):
     """`layer` called with its activation switched off: the scores under a Dense(..., activation="softmax")."""
 
     def __init__(self, layer, **kwargs):
-        super().__init__(name=f"{layer.name}_scores", dtype=layer.dtype_policy, **kwargs)
+        super().__init__(name="score_cam_scores", dtype=layer.dtype_policy, **kwargs)
         self.inner = layer
 
     def call(self, x):
@@ -218,11 +218,11 @@ def explainable(model, layers=(), perturb=False):
     """
     _check_classifier(model)
     spec = model.inputs[0]
-    images = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name="images")
+    images = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name="score_cam_images")
     found, deltas = {}, []
     for i, ref in enumerate(layers):
         if perturb:
-            deltas.append(keras.Input(batch_shape=(None,) + _layer_shape(model, ref)[1:], name=f"delta{i}"))
+            deltas.append(keras.Input(batch_shape=(None,) + _layer_shape(model, ref)[1:], name=f"score_cam_delta_input{i}"))
             found[("delta", i)] = deltas[-1]
     wanted = {tuple(ref.path): i for i, ref in enumerate(layers)}
     out_path = _output_path(model)
@@ -235,12 +235,25 @@ def explainable(model, layers=(), perturb=False):
         if len(act.shape) != 4:
             raise ValueError(f"layer {path_name(ref)!r} outputs {tuple(act.shape)}; explaining a layer needs a "
                              "4-D (N, h, w, K) output (a conv, activation, add, batch-norm or pooling layer)")
-    scores, link = found["scores"]
-    scores = keras.ops.cast(scores, "float32")
-    if scores.shape[-1] == 1:  # one unit: class 1 has p = sigmoid(z), class 0 has 1 - p
-        scores = keras.ops.concatenate([-scores / 2, scores / 2], axis=-1)
-    probs = keras.ops.sigmoid(scores) if link == "sigmoid" and scores.shape[-1] > 2 else keras.ops.softmax(scores)
+    scores, probs = _ScoreHead(found["scores"][1])(found["scores"][0])
     return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
+
+
+class _ScoreHead(keras.layers.Layer):
+    """(scores, probabilities), float32, from the output layer's pre-activation scores. One layer, not
+    loose keras.ops calls: an op's automatic name ("cast", "softmax") can equal one of the model's
+    layer names once Keras's name counter has been reset, and a graph's names must be unique."""
+
+    def __init__(self, link):
+        super().__init__(name="score_cam_head", dtype="float32")
+        self.link = link
+
+    def call(self, scores):
+        scores = keras.ops.cast(scores, "float32")
+        if scores.shape[-1] == 1:  # one unit: class 1 has p = sigmoid(z), class 0 has 1 - p
+            scores = keras.ops.concatenate([-scores / 2, scores / 2], axis=-1)
+        sigmoid = self.link == "sigmoid" and scores.shape[-1] > 2
+        return scores, keras.ops.sigmoid(scores) if sigmoid else keras.ops.softmax(scores)
 
 
 def _layer_shape(model, ref):

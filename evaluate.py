@@ -116,8 +116,11 @@ def perturbation_curves(model, start, end, maps, targets, steps=STEPS, batch_siz
 
 
 def blur(images, sigma=BLUR_SIGMA):
-    """Gaussian blur of each image (OpenCV, kernel from sigma, reflected border): insertion's start."""
-    return np.stack([cv2.GaussianBlur(np.float32(im), (0, 0), sigma) for im in images]) if len(images) else images
+    """Gaussian blur of each image (OpenCV, kernel from sigma, reflected border): insertion's start.
+    The shape is kept (OpenCV drops a single channel's axis, which greyscale models need)."""
+    images = np.asarray(images)
+    return np.stack([cv2.GaussianBlur(np.float32(im), (0, 0), sigma).reshape(im.shape) for im in images]) \
+        if len(images) else images
 
 
 def auc(x, curves):

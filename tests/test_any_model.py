@@ -307,6 +307,29 @@ def test_layer_lookup_names_paths_objects_and_ambiguity():
     assert list(maps) == ["left/conv"] and probs.shape == (1, 3)
 
 
+@pytest.mark.parametrize("units", [3, 1])
+def test_layer_names_that_equal_our_own_ops_names_after_a_fresh_start(tmp_path, units):
+    """A loaded model's layers keep their names, and Keras's name counter restarts with each process:
+    the explainer's own graph pieces must not be named like any of them (a graph's names are unique;
+    "The name "cast" is used 2 times" was the message). The maps equal the same weights' before saving."""
+    inp = keras.Input((8, 8, 3), name="images")
+    x = layers.Conv2D(4, 3, padding="same", name="delta0")(inp)
+    x = layers.Activation("relu", name="cast")(x)
+    x = layers.Add(name="add")([x, layers.Conv2D(4, 1, name="concatenate")(x)])
+    x = layers.Dense(units, name="softmax")(layers.GlobalAveragePooling2D(name="truediv")(x))
+    model = keras.Model(inp, layers.Activation("sigmoid" if units == 1 else "softmax", name="sigmoid")(x))
+    images = images_for((8, 8, 3), n=2)
+    methods = [lambda m, layer: score_cam(m, images, layer=layer, precision="float32"),
+               lambda m, layer: grad_cam(m, images, layer=layer), lambda m, layer: grad_cam_pp(m, images, layer=layer)]
+    before = [method(model, layer) for layer in ("cast", "add") for method in methods]
+    model.save(tmp_path / "named.keras")
+    keras.backend.clear_session()  # what a new process starts with
+    loaded = keras.saving.load_model(tmp_path / "named.keras")
+    after = [method(loaded, layer) for layer in ("cast", "add") for method in methods]
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
 def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():
     a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
     conv = layers.Conv2D(2, 3, name="conv")

@@ -172,6 +172,24 @@ def test_insertion_starts_from_a_sigma_5_blur_by_hand():
     assert ev.auc(x, curves) == pytest.approx(np.trapezoid(want, k / 256), abs=1e-5)
 
 
+def test_greyscale_model_insertion_starts_from_its_blurred_picture():
+    """A one-channel model: OpenCV's blur returns (H, W) for an (H, W, 1) picture; insertion must still
+    start from the blurred picture (a dropped axis would broadcast to (N, H, W, W) or fail), and the
+    whole evaluation gives finite metrics."""
+    inp = keras.Input((S, S, 1))
+    x = keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="conv")(inp)
+    model = softmax_head(keras.layers.GlobalAveragePooling2D()(x), inp)
+    images = np.random.default_rng(0).uniform(0, 255, (3, S, S, 1)).astype(np.float32)
+    maps = np.random.default_rng(1).random((3, S, S)).astype(np.float32)
+    x, curves = ev.insertion(model, images, maps, np.zeros(3, np.int64), steps=4)
+    start = np.stack([cv2.GaussianBlur(im, (0, 0), 5)[..., None] for im in images])
+    assert curves.shape == (3, 5)
+    np.testing.assert_allclose(curves[:, 0], model.predict(start, verbose=0)[:, 0], atol=1e-5)
+    np.testing.assert_allclose(curves[:, -1], model.predict(images, verbose=0)[:, 0], atol=1e-5)
+    result = ev.evaluate(model, images, names=["scorecam", "gradcam"], steps=4, sanity_n=0, resamples=20)
+    assert all(np.isfinite(result["methods"][m]["insertion_auc"]) for m in ("scorecam", "gradcam"))
+
+
 def test_average_drop_and_increase_on_a_model_by_hand():
     """Brightness model, white image, a map of 0.5 everywhere: the explanation image is mid-grey.
     Class 0 (bright): Y = sigmoid(4), O = sigmoid(2), a drop of (Y - O) / Y; class 1 (dark) gains

@@ -146,3 +146,52 @@ def test_spearman_of_two_pixel_maps():
     import evaluate
 
     np.testing.assert_allclose(evaluate.spearman([[1, 2], [1, 2]], [[3, 4], [4, 3]]), [1, -1])
+
+
+def test_pixel_ranks_rank_each_map_on_its_own_and_spread_ties():
+    """Rank 0 is each map's highest pixel; ties follow a seeded shuffle, not the reading order."""
+    import evaluate
+
+    maps = np.array([[[0.1, 0.9], [0.5, 0.3]], [[4, 3], [2, 1]]], np.float32)
+    assert evaluate.pixel_ranks(maps).tolist() == [[[3, 0], [1, 2]], [[0, 1], [2, 3]]]
+    flat = np.zeros((1, 8, 8))
+    ranks = evaluate.pixel_ranks(flat)
+    assert ranks.shape == (1, 8, 8) and sorted(ranks.ravel()) == list(range(64))
+    assert ranks[0, 0].tolist() != list(range(8)), "ties removed the top row first"
+    assert np.array_equal(ranks, evaluate.pixel_ranks(flat, seed=0))
+    tied = np.array([[[1.0, 1.0], [0.0, 0.0]]])  # ties inside each level, levels still in order
+    assert set(evaluate.pixel_ranks(tied)[0, 0]) == {0, 1}
+
+
+def test_blur_is_opencvs_sigma_5_gaussian_with_reflected_border():
+    """An impulse spreads into the 41-tap sigma-5 kernel's outer product; a flat image stays flat
+    (the reflected border adds no dark edge); no images gives no images."""
+    import cv2
+
+    import evaluate
+
+    impulse = np.zeros((1, 61, 61, 1), np.float32)
+    impulse[0, 30, 30] = 1
+    g = cv2.getGaussianKernel(41, 5).ravel()
+    want = np.zeros((61, 61))
+    want[10:51, 10:51] = np.outer(g, g)
+    np.testing.assert_allclose(evaluate.blur(impulse)[0, ..., 0], want, atol=1e-9)
+    flat = np.full((2, 9, 7, 3), 0.5, np.float32)
+    np.testing.assert_allclose(evaluate.blur(flat), flat, atol=1e-6)
+    step = np.zeros((1, 16, 16, 3), np.float32)
+    step[:, :, 8:] = 1
+    edge = evaluate.blur(step, sigma=2)[0, 8, 7:9, 0]
+    assert 0.35 < edge[0] < 0.5 < edge[1] < 0.65 and edge.sum() == pytest.approx(1, abs=1e-6)
+    assert evaluate.blur(np.zeros((0, 4, 4, 3), np.float32)).shape == (0, 4, 4, 3)
+
+
+def test_auc_is_the_trapezoid_rule_in_float64_over_the_last_axis():
+    import evaluate
+
+    x = np.array([0, 0.25, 1.0])
+    curves = np.array([[1.0, 1.0, 0.0], [0.0, 0.5, 0.5]])
+    np.testing.assert_allclose(evaluate.auc(x, curves), [0.25 + 0.375, 0.0625 + 0.375])
+    # float32 pictures' curves and steps are summed in float64: in float32, 1 + (1 + 2**-23) rounds to 2 and
+    # 1 - 2**-30 to 1
+    assert evaluate.auc([0.0, 1.0], np.array([1, 1 + 2**-23], np.float32)) == 1 + 2**-24
+    assert evaluate.auc(np.array([2**-30, 1], np.float32), [1.0, 1.0]) == 1 - 2**-30

@@ -86,16 +86,16 @@ class Interrupt(keras.callbacks.Callback):
 
 
 def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path, deterministic_ops):
-    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "3", "--augment", "rotate-shift-flip"]
+    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "2", "--augment", "rotate-shift-flip"]
     whole = tmp_path / "whole"
     train.train(train.parse_args([*args, "--out", str(whole)]))
 
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train.train(train.parse_args([*args, "--out", str(resumed)]), extra_callbacks=[Interrupt(after=2)])
-    assert (resumed / "backup").is_dir() and history_epochs(resumed) == [0, 1]
+        train.train(train.parse_args([*args, "--out", str(resumed)]), extra_callbacks=[Interrupt(after=1)])
+    assert (resumed / "backup").is_dir() and history_epochs(resumed) == [0]
     train.train(train.parse_args([*args, "--out", str(resumed)]))
-    assert history_epochs(resumed) == [0, 1, 2]
+    assert history_epochs(resumed) == [0, 1]
     # Every epoch's training loss and validation scores, bitwise: the saved model alone could be an
     # early best epoch, written before the interruption, and prove nothing about the resumed epochs.
     assert (resumed / "history.csv").read_text() == (whole / "history.csv").read_text()
