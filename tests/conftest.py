@@ -99,6 +99,11 @@ def tiny_model_path(tmp_path_factory):
     return path
 
 
+def budget(n):
+    """n generated cases a test, times $PROPERTY_EXAMPLES (default 1) for a longer hunt on a developer's machine."""
+    return n * int(os.environ.get("PROPERTY_EXAMPLES", "1"))
+
+
 def keras_seed(seed):
     import keras
 

@@ -19,11 +19,10 @@ FOUR_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_
 # The commands run through their main(argv), their exit status and stderr captured as a shell sees them.
 SCRIPT = r"""
 import contextlib, io, json, sys
-root, pics, tiny, folder, tmp = sys.argv[1:6]
+root, pics, folder, tmp = sys.argv[1:5]
 sys.path.insert(0, root)
 import runtime, keras, numpy as np
 import scorecam, train
-from model import build_model
 
 
 def command(main, argv):
@@ -38,9 +37,13 @@ def command(main, argv):
 
 
 keras.utils.set_random_seed(0)
-model = build_model((16, 16, 3), 5)
+L = keras.layers  # a small convnet: sharding does not depend on the model, and each shape compiles (seconds)
+model = keras.Sequential([keras.Input((16, 16, 3)), L.Rescaling(1 / 255), L.Conv2D(8, 3, activation="relu", name="c1"),
+                          L.MaxPooling2D(), L.Conv2D(8, 3, activation="relu", name="c2"), L.GlobalAveragePooling2D(),
+                          L.Dense(5, activation="softmax")])
+model.save(f"{tmp}/small.keras")
 x = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")
-layers = ["block2_conv1", "block4_conv3"]
+layers = ["c1", "c2"]
 one = scorecam.score_cam_layers(model, x, layers, precision="float32", batch_size=64)
 out = {"devices": keras.distribution.list_devices()}
 for devices, batch, names in (("all", 64, layers), (["cpu:1", "cpu:3"], 34, layers[1:])):  # each new shape compiles
@@ -54,7 +57,8 @@ for devices, batch in ((5, 64), (4, 6), ("tpu:0", 4), (0, 4)):
     except ValueError as e:
         out[f"error {devices} {batch}"] = str(e)
 for name, extra in (("one", []), ("two", ["--devices", "2"]), ("bad", ["--batch-size", "63", "--devices", "2"])):
-    out["folder " + name] = command(scorecam.main, ["--folder", pics, "--out", f"{tmp}/{name}", "--model", tiny,
+    out["folder " + name] = command(scorecam.main, ["--folder", pics, "--out", f"{tmp}/{name}", "--model",
+                                                    f"{tmp}/small.keras",
                                                     "--batch-size", "64", "--precision", "float32", *extra])
 common = ["--dataset", "folder", "--data-dir", folder, "--image-size", "16", "--epochs", "2", "--batch-size", "8",
           "--quiet"]
@@ -70,7 +74,7 @@ def run_python(code, env_extra, *args):
                           timeout=600, env=env)
 
 
-def test_four_virtual_devices_give_the_single_device_results_and_refuse_bad_options(tmp_path, tiny_model_path):
+def test_four_virtual_devices_give_the_single_device_results_and_refuse_bad_options(tmp_path):
     """One JAX process with 4 virtual devices (SCRIPT): sharded Score-CAM equals one device (maps 1e-5);
     the folder command on two devices writes the single-device overlays; 2 epochs of data-parallel
     training on 4 devices (the 6 validation pictures padded to 8, weighted 0) log every loss and
@@ -79,7 +83,7 @@ def test_four_virtual_devices_give_the_single_device_results_and_refuse_bad_opti
     for i in range(5):
         write_image(tmp_path / "pics" / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     make_color_folder(tmp_path / "colors")
-    r = run_python(SCRIPT, FOUR_DEVICES, ROOT, tmp_path / "pics", tiny_model_path, tmp_path / "colors", tmp_path)
+    r = run_python(SCRIPT, FOUR_DEVICES, ROOT, tmp_path / "pics", tmp_path / "colors", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -12,7 +12,6 @@ Hypothesis runs with no example database and derandomized (the same cases on eve
 found are kept as @example cases.
 """
 import io
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, budget, run_cli
 from data import crawl, faces
 from data.cifar10 import load_cifar10
 from data.images import ImageError, read_image
@@ -31,11 +30,6 @@ from data.images import ImageError, read_image
 SETTINGS = dict(database=None, derandomize=True, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-
-def budget(n):
-    """n generated cases a test, times $PROPERTY_EXAMPLES (default 1) for a longer hunt on a developer's machine."""
-    return n * int(os.environ.get("PROPERTY_EXAMPLES", "1"))
 
 
 # ---------------------------------------------------------------- image bytes

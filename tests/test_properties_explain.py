@@ -38,17 +38,12 @@ import evaluate
 import figures
 import gradcam
 import scorecam
-from conftest import ROOT
+from conftest import ROOT, budget
 from model import save_model
 
 SETTINGS = dict(database=None, derandomize=True, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
-
-
-def budget(n):
-    """n generated cases a test, times $PROPERTY_EXAMPLES (default 1) for a longer hunt on a developer's machine."""
-    return n * int(os.environ.get("PROPERTY_EXAMPLES", "1"))
 
 
 # ---------------------------------------------------------------- two small models

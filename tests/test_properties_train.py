@@ -23,14 +23,9 @@ from PIL import Image
 
 import model as model_module
 import train
-from conftest import ROOT, run_cli
+from conftest import ROOT, budget, run_cli
 from model import load_model
 
-
-
-def budget(n):
-    """n generated cases a test, times $PROPERTY_EXAMPLES (default 1) for a longer hunt on a developer's machine."""
-    return n * int(os.environ.get("PROPERTY_EXAMPLES", "1"))
 
 
 SETTINGS = dict(database=None, derandomize=True, deadline=None, print_blob=True,
