@@ -10,7 +10,7 @@ import pytest
 import train
 from data.augment import RANDAUGMENT_OPS, augmentation, crop_flip, cutmix, cutout, mixup, rand_augment
 from model import load_model
-from test_train import Interrupt, deterministic_ops, history_epochs  # noqa: F401  (deterministic_ops: a fixture)
+from test_train import Interrupt, deterministic_ops, history_epochs, small_model  # noqa: F401  (deterministic_ops: a fixture)
 
 
 def pictures(n=32, size=16, seed=0, low=1):
@@ -177,23 +177,6 @@ def test_cifar10_val_split_holds_out_a_stratified_seeded_part_of_the_training_sp
 
 
 # ---------------------------------------------------------------- training with the new options
-
-def small_model(input_shape=(32, 32, 3), num_classes=10, dtype=None):
-    """build_model's roles at a fraction of its cost: rescale, conv, BatchNorm (whose statistics are not
-    averaged), dropout (whose generator state the backup keeps), logits, float32 softmax."""
-    from keras import layers
-
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale", dtype=dtype)(inputs)
-    x = layers.Conv2D(4, 3, padding="same", name="block1_conv1", dtype=dtype)(x)
-    x = layers.BatchNormalization(name="block1_bn1", dtype=dtype)(x)
-    x = layers.Activation("relu", dtype=dtype)(x)
-    x = layers.MaxPooling2D(4, name="block1_pool", dtype=dtype)(x)
-    x = layers.Dropout(0.25, name="block1_dropout", dtype=dtype)(x)
-    x = layers.Flatten(name="flatten", dtype=dtype)(x)
-    x = layers.Dense(num_classes, name="logits", dtype=dtype)(x)
-    return keras.Model(inputs, layers.Activation("softmax", name="predictions", dtype="float32")(x))
-
 
 REGULARISED = ["--dataset", "folder", "--image-size", "16", "--batch-size", "8", "--quiet",
                "--augment", "crop-flip+randaugment+cutout", "--mix", "cutmix", "--ema-momentum", "0.9"]

@@ -85,7 +85,27 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path, deterministic_ops):
+def small_model(input_shape=(32, 32, 3), num_classes=10, dtype=None):
+    """build_model's roles at a fraction of its cost: rescale, conv, BatchNorm (whose statistics are not
+    averaged), dropout (whose generator state the backup keeps), logits, float32 softmax."""
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale", dtype=dtype)(inputs)
+    x = layers.Conv2D(4, 3, padding="same", name="block1_conv1", dtype=dtype)(x)
+    x = layers.BatchNormalization(name="block1_bn1", dtype=dtype)(x)
+    x = layers.Activation("relu", dtype=dtype)(x)
+    x = layers.MaxPooling2D(4, name="block1_pool", dtype=dtype)(x)
+    x = layers.Dropout(0.25, name="block1_dropout", dtype=dtype)(x)
+    x = layers.Flatten(name="flatten", dtype=dtype)(x)
+    x = layers.Dense(num_classes, name="logits", dtype=dtype)(x)
+    return keras.Model(inputs, layers.Activation("softmax", name="predictions", dtype="float32")(x))
+
+
+def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path, deterministic_ops, monkeypatch):
+    """Ctrl-C at an epoch's end, in-process, on a small model with build_model's roles (the SIGKILL test
+    below resumes the real one): history and weights bitwise."""
+    monkeypatch.setattr(train, "build_model", small_model)
     args = [*TINY, "--data-dir", str(color_folder), "--epochs", "2", "--augment", "rotate-shift-flip"]
     whole = tmp_path / "whole"
     train.train(train.parse_args([*args, "--out", str(whole)]))
