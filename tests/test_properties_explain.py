@@ -461,6 +461,14 @@ def paths_of(files, root):
             "under a file.png": files / "a file" / "x.png"}
 
 
+def generated_case(kind, opts, files, tmp_path_factory):
+    """(root, paths, options, the option that must be refused or None) of one generated command case."""
+    root = tmp_path_factory.mktemp(kind)
+    opts = dict(opts)
+    must_fail = opts.pop("_broken", None)
+    return root, paths_of(files, root), opts, must_fail
+
+
 # breaks that are fine on their own (whether they fail depends on the rest); every other break must fail
 ALLOWED = [("--all-layers", None), ("--devices", "all"), ("eval", ("--eval-n", "1")), ("--characters-dir", "missing")]
 
@@ -493,7 +501,7 @@ def scorecam_argv(opts, paths):
     images = opts.pop("images", ["picture"])
     argv = argv_of(opts, paths)
     if isinstance(images, str):
-        flag, value = images.split()
+        flag, value = images.split(maxsplit=1)  # the value can hold a space ("a file")
         return [flag, str(paths[value])] + argv
     return [str(paths[i]) for i in images] + argv
 
@@ -508,10 +516,7 @@ def scorecam_argv(opts, paths):
                "--out": "out"})
 @example(opts={"--model": "model", "images": "--folder data", "--max-n": "2", "--read-batch": "3"})
 def test_scorecam_main_with_generated_options_gives_a_result_or_error_lines(opts, files, tmp_path_factory, capsys):
-    root = tmp_path_factory.mktemp("scorecam_cli")
-    paths = paths_of(files, root)
-    opts = dict(opts)
-    must_fail = opts.pop("_broken", None)
+    root, paths, opts, must_fail = generated_case("scorecam_cli", opts, files, tmp_path_factory)
     code, out, err = outcome(scorecam.main, scorecam_argv(opts, paths), capsys, root)
     check_outcome(code, err)
     assert not (must_fail and code in (None, 0)), f"{must_fail} {opts[must_fail]!r} was accepted"
@@ -569,10 +574,7 @@ def evaluate_argv(opts, paths):
                "--seed": "4294967295"})  # found under KERAS_BACKEND=jax: an OverflowError traceback (uint32 seeds)
 def test_evaluate_main_with_generated_options_gives_finite_results_or_one_error_line(opts, files, tmp_path_factory,
                                                                                        capsys):
-    root = tmp_path_factory.mktemp("evaluate_cli")
-    paths = paths_of(files, root)
-    opts = dict(opts)
-    must_fail = opts.pop("_broken", None)
+    root, paths, opts, must_fail = generated_case("evaluate_cli", opts, files, tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         offline(mp, root)
         code, out, err = outcome(evaluate.main, evaluate_argv(opts, paths), capsys, root)
@@ -632,10 +634,7 @@ figures_options = options(
 @example(opts={"--cifar-dir": None, "eval": ("--skip-eval", None), "_broken": "--cifar-dir"})
 def test_figures_main_with_generated_options_gives_figures_or_one_error_line(opts, files, cifar_models,
                                                                               tmp_path_factory, capsys):
-    root = tmp_path_factory.mktemp("figures_cli")
-    paths = paths_of(files, root)
-    opts = dict(opts)
-    must_fail = opts.pop("_broken", None)
+    root, paths, opts, must_fail = generated_case("figures_cli", opts, files, tmp_path_factory)
     if must_fail == "--cifar-dir" and opts.get("--only") == "characters":
         must_fail = None  # CIFAR-10 is not read
     flag, value = opts.pop("eval")
@@ -679,10 +678,7 @@ bench_options = options(
 @example(opts={"--memory-n": "-1", "--sizes": "32", "_broken": "--memory-n"})
 @example(opts={"--json": "under a file", "--sizes": "32", "--memory-n": "0", "_broken": "--json"})
 def test_bench_main_with_generated_options_gives_a_report_or_one_error_line(opts, files, tmp_path_factory, capsys):
-    root = tmp_path_factory.mktemp("bench_cli")
-    paths = paths_of(files, root)
-    opts = dict(opts)
-    must_fail = opts.pop("_broken", None)
+    root, paths, opts, must_fail = generated_case("bench_cli", opts, files, tmp_path_factory)
     paths["out"] = root / "bench.json"
     memory = {"images": 3, "peak_rss_mb": 1.0, "peak_rss_before_run_mb": 1.0, "input_mb": 0.1, "output_mb": 0.1,
               "seconds": 1.0, "images_per_s": 3.0}
