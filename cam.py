@@ -21,6 +21,7 @@ those on the path that produces the output (never a second copy of a backbone ru
 Nothing here imports another module of this repository; every method module imports this one.
 """
 import collections
+import re
 
 import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import keras
@@ -236,7 +237,18 @@ def explainable(model, layers=(), perturb=False):
             raise ValueError(f"layer {path_name(ref)!r} outputs {tuple(act.shape)}; explaining a layer needs a "
                              "4-D (N, h, w, K) output (a conv, activation, add, batch-norm or pooling layer)")
     scores, probs = _ScoreHead(found["scores"][1])(found["scores"][0])
-    return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
+    try:
+        return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
+    except ValueError as e:  # Keras: 'The name "conv" is used 2 times in the model. ...'
+        clash = re.search(r'The name "(.*)" is used \d+ times', str(e))
+        nested = [ref for ref in layers if len(ref.path) > 1]
+        if clash is None or not nested:
+            raise
+        raise ValueError(
+            f"the layer name {clash.group(1)!r} is used both inside nested model {nested[0].path[0]!r} and outside "
+            f"it, and explaining {path_name(nested[0])!r} puts the nested layers beside the outer ones: explain "
+            f"the nested model's output (layer={nested[0].path[0]!r}) or a layer outside it, or give the "
+            "layers distinct names") from None
 
 
 class _ScoreHead(keras.layers.Layer):

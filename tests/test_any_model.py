@@ -330,6 +330,21 @@ def test_layer_names_that_equal_our_own_ops_names_after_a_fresh_start(tmp_path, 
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+def test_a_nested_layer_named_like_an_outer_one_is_a_clear_error_with_a_way_out():
+    """Explaining inside a nested model puts its layers in one graph with the outer ones, whose names must
+    differ: one ValueError naming the clash and what to explain instead, and that works."""
+    inner = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, padding="same", name="conv")],
+                             name="backbone")
+    inp = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inner(inp))
+    model = keras.Model(inp, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+    images = images_for((8, 8, 3))
+    for method in (score_cam, grad_cam):
+        with pytest.raises(ValueError, match=r"'conv' is used both inside nested model 'backbone'.*layer='backbone'"):
+            method(model, images, layer="backbone/conv")
+        assert method(model, images, layer="backbone").shape == (2, 8, 8)
+
+
 def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():
     a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
     conv = layers.Conv2D(2, 3, name="conv")
