@@ -21,7 +21,6 @@ those on the path that produces the output (never a second copy of a backbone ru
 Nothing here imports another module of this repository; every method module imports this one.
 """
 import collections
-import re
 
 import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import keras
@@ -223,13 +222,15 @@ def explainable(model, layers=(), perturb=False):
     found, deltas = {}, []
     for i, ref in enumerate(layers):
         if perturb:
-            deltas.append(keras.Input(batch_shape=(None,) + _layer_shape(model, ref)[1:], name=f"score_cam_delta_input{i}"))
+            deltas.append(keras.Input(batch_shape=(None,) + _layer_shape(model, ref)[1:],
+                                      name=f"score_cam_delta_input{i}"))
             found[("delta", i)] = deltas[-1]
     wanted = {tuple(ref.path): i for i, ref in enumerate(layers)}
     out_path = _output_path(model)
     if out_path in wanted:
         raise ValueError(f"layer {'/'.join(out_path)!r} is the model's output, not a feature map")
     wanted[out_path] = "scores"
+    _check_flattened_names(model, wanted)
     _rerun(model, images, wanted, found)
     acts = [found[i] for i in range(len(layers))]
     for ref, act in zip(layers, acts):
@@ -237,18 +238,28 @@ def explainable(model, layers=(), perturb=False):
             raise ValueError(f"layer {path_name(ref)!r} outputs {tuple(act.shape)}; explaining a layer needs a "
                              "4-D (N, h, w, K) output (a conv, activation, add, batch-norm or pooling layer)")
     scores, probs = _ScoreHead(found["scores"][1])(found["scores"][0])
-    try:
-        return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
-    except ValueError as e:  # Keras: 'The name "conv" is used 2 times in the model. ...'
-        clash = re.search(r'The name "(.*)" is used \d+ times', str(e))
-        nested = [ref for ref in layers if len(ref.path) > 1]
-        if clash is None or not nested:
-            raise
-        raise ValueError(
-            f"the layer name {clash.group(1)!r} is used both inside nested model {nested[0].path[0]!r} and outside "
-            f"it, and explaining {path_name(nested[0])!r} puts the nested layers beside the outer ones: explain "
-            f"the nested model's output (layer={nested[0].path[0]!r}) or a layer outside it, or give the "
-            "layers distinct names") from None
+    return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
+
+
+def _check_flattened_names(model, paths):
+    """The rebuilt graph holds, beside the outer layers, the layers of every nested model on a wanted
+    path, and a graph's names must be unique: one clear error where a nested layer repeats a name."""
+    flattened = {path[:k] for path in paths for k in range(1, len(path))}
+
+    def layers(level, prefix):
+        out = {}
+        for layer in _children(level):
+            path = prefix + (layer.name,)
+            out.update(layers(layer, path) if path in flattened else {id(layer): layer.name})
+        return out  # by identity: one layer shared inside and outside is one graph operation
+
+    repeated = [name for name, count in collections.Counter(layers(model, ()).values()).items() if count > 1]
+    if repeated:
+        nested = ", ".join(repr("/".join(path)) for path in sorted(flattened))
+        raise ValueError(f"the layer name {repeated[0]!r} is used twice among nested model(s) {nested} and the "
+                         "layers around them, which explaining a layer inside puts in one graph: explain a nested "
+                         f"model's own output (e.g. layer={min(flattened)[0]!r}) or a layer outside it, or give "
+                         "the layers distinct names")
 
 
 class _ScoreHead(keras.layers.Layer):
