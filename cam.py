@@ -5,8 +5,9 @@ Any single-input Keras image classifier can be explained:
 
   layer     find_layer(model, layer): a layer name searched through nested models at any depth
             (a transfer-learning backbone inside a Sequential or functional model), a path such as
-            "mobilenetv2_0.35_64/Conv_1" when a name is ambiguous, or a keras.layers.Layer; any
-            layer whose output is 4-D (N, h, w, K). None: the last Conv2D-family layer.
+            "mobilenetv2_0.35_64/Conv_1" when a name is ambiguous ("/conv": the top model's own),
+            or a keras.layers.Layer; any layer whose output is 4-D (N, h, w, K). None: the last
+            Conv2D-family layer.
   score     the authors' probabilities, softmax applied once: a model ending in a softmax (a
             Softmax layer, or an Activation or any layer with activation="softmax") gives its
             probabilities, any other output is taken as logits; a one-unit output (sigmoid or
@@ -18,6 +19,8 @@ Any single-input Keras image classifier can be explained:
 explainable(model, layers) rebuilds the model's graph from its layers, descending into the
 nested models on the way to each explained layer and to the output, so the activations are
 those on the path that produces the output (never a second copy of a backbone run beside it).
+Each nested model on the way is rebuilt as its own sub-model under its own name, so its layers'
+names need to be unique only among themselves, as they are in the model.
 Nothing here imports another module of this repository; every method module imports this one.
 """
 import collections
@@ -93,7 +96,7 @@ def _listing(refs, limit=12):
 
 
 def find_layer(model, layer=None):
-    """The LayerRef of `layer` (None, a name, a path "outer/inner" or a Layer); a ValueError that
+    """The LayerRef of `layer` (None, a name, a path "outer/inner", a Layer or a LayerRef); a ValueError that
     lists the candidates otherwise."""
     refs = all_layers(model)
     convs = [r for r in refs if isinstance(r.layer, CONV_TYPES)]
@@ -101,7 +104,10 @@ def find_layer(model, layer=None):
         if not convs:
             raise ValueError("the model has no Conv2D-family layer; pass layer= (any layer with a 4-D output)")
         return convs[-1]
-    if isinstance(layer, keras.layers.Layer):
+    if isinstance(layer, LayerRef):  # one of all_layers(model)'s, e.g. from conv_layers
+        found = [r for r in refs if r.path == tuple(layer.path) and r.layer is layer.layer]
+        what = f"layer {path_name(layer)!r}"
+    elif isinstance(layer, keras.layers.Layer):
         found = [r for r in refs if r.layer is layer]
         what = f"layer object {layer.name!r}"
     elif isinstance(layer, str) and "/" in layer:
@@ -117,7 +123,8 @@ def find_layer(model, layer=None):
         subject = repr(layer) if named == "no layer named" else what
         raise ValueError(f"{named} {subject} in the model; conv layers: {_listing(convs) or 'none'}")
     if len(found) > 1:
-        raise ValueError(f"{what} is ambiguous; pass one of these paths: {_listing(found, 50)}")
+        paths = ", ".join(("/" if len(r.path) == 1 else "") + path_name(r) for r in found)  # "/conv": the outer one
+        raise ValueError(f"{what} is ambiguous; pass one of these paths: {paths}")
     return found[0]
 
 
@@ -192,7 +199,7 @@ def _rerun(model, x, wanted, found):
     def call(layer, *args, **kwargs):
         here = {path[1:]: key for path, key in wanted.items() if path[0] == layer.name}
         inner = {path: key for path, key in here.items() if path}
-        out = _rerun(layer, args[0], inner, found) if inner else layer(*args, **kwargs)
+        out = _rerun_nested(layer, args[0], inner, found) if inner else layer(*args, **kwargs)
         key = here.get(())
         if key == "scores":
             found[key] = _scores(layer, args[0], out)
@@ -209,6 +216,26 @@ def _rerun(model, x, wanted, found):
         return x
     # Keras's own graph walker, the one clone_model uses, with our call in place of each layer's
     return model._run_through_graph(x, operation_fn=lambda op: op, call_fn=call)
+
+
+def _rerun_nested(model, x, wanted, found):
+    """A nested model on a wanted path, rebuilt as its own sub-model that also returns the wanted
+    tensors inside it, and called on x in its place under its own name. Its layers' names then need
+    to be unique only among themselves, as they are in the model (a nested `conv` beside an outer one)."""
+    keys = list(dict.fromkeys(wanted.values()))
+    level = {("delta", key): keras.Input(batch_shape=found[("delta", key)].shape,
+                                         dtype=found[("delta", key)].dtype, name=f"score_cam_delta_input{key}")
+             for key in keys if ("delta", key) in found}
+    level_in = keras.Input(batch_shape=x.shape, dtype=x.dtype, name="score_cam_level_input")
+    inner = dict(level)
+    out = _rerun(model, level_in, wanted, inner)
+    keys = [key for key in keys if key in inner]
+    tensors = [inner[key][0] if key == "scores" else inner[key] for key in keys]
+    sub = keras.Model([level_in] + list(level.values()), [out] + tensors, name=model.name)
+    results = sub([x] + [found[d] for d in level])
+    for key, tensor in zip(keys, results[1:]):
+        found[key] = (tensor, inner[key][1]) if key == "scores" else tensor
+    return results[0]
 
 
 def explainable(model, layers=(), perturb=False):
@@ -230,7 +257,6 @@ def explainable(model, layers=(), perturb=False):
     if out_path in wanted:
         raise ValueError(f"layer {'/'.join(out_path)!r} is the model's output, not a feature map")
     wanted[out_path] = "scores"
-    _check_flattened_names(model, wanted)
     _rerun(model, images, wanted, found)
     acts = [found[i] for i in range(len(layers))]
     for ref, act in zip(layers, acts):
@@ -239,27 +265,6 @@ def explainable(model, layers=(), perturb=False):
                              "4-D (N, h, w, K) output (a conv, activation, add, batch-norm or pooling layer)")
     scores, probs = _ScoreHead(found["scores"][1])(found["scores"][0])
     return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
-
-
-def _check_flattened_names(model, paths):
-    """The rebuilt graph holds, beside the outer layers, the layers of every nested model on a wanted
-    path, and a graph's names must be unique: one clear error where a nested layer repeats a name."""
-    flattened = {path[:k] for path in paths for k in range(1, len(path))}
-
-    def layers(level, prefix):
-        out = {}
-        for layer in _children(level):
-            path = prefix + (layer.name,)
-            out.update(layers(layer, path) if path in flattened else {id(layer): layer.name})
-        return out  # by identity: one layer shared inside and outside is one graph operation
-
-    repeated = [name for name, count in collections.Counter(layers(model, ()).values()).items() if count > 1]
-    if repeated:
-        nested = ", ".join(repr("/".join(path)) for path in sorted(flattened))
-        raise ValueError(f"the layer name {repeated[0]!r} is used twice among nested model(s) {nested} and the "
-                         "layers around them, which explaining a layer inside puts in one graph: explain a nested "
-                         f"model's own output (e.g. layer={min(flattened)[0]!r}) or a layer outside it, or give "
-                         "the layers distinct names")
 
 
 class _ScoreHead(keras.layers.Layer):

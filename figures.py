@@ -34,7 +34,7 @@ def pick(n, count, seed):
 
 def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
     """The original experiment's figure for `count` fixed pictures: input + one heatmap per conv layer."""
-    layers = [cam.path_name(ref) for ref in cam.conv_layers(model)]
+    layers = cam.conv_layers(model)
     idx = pick(len(images), min(count, len(images)), seed)
     x = images[idx].astype(np.float32)
     maps, probs = score_cam_layers(model, x, layers, precision="float32")

@@ -1,6 +1,7 @@
 """Heatmap colouring and overlays (OpenCV), and the matplotlib figures: learning curves, confusion
 matrix, CAM panels. Japanese labels render through matplotlib-fontja's IPAex Gothic; every figure
 file is written atomically."""
+import collections
 import csv
 
 import cv2
@@ -108,17 +109,25 @@ def _colorbar(fig, axes, label="Score-CAM"):
     fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, label=f"{label} (normalised)")
 
 
+def panel_names(paths):
+    """Short panel titles for layer paths: the layer's own name ("b1 conv2" for "block1_conv2"), the
+    whole path where two layers share a name at different depths."""
+    last = collections.Counter(path.split("/")[-1] for path in paths)
+    names = [path.split("/")[-1] if last[path.split("/")[-1]] == 1 else path for path in paths]
+    return [name.replace("block", "b").replace("_conv", " conv") for name in names]
+
+
 def layer_grid_figure(image, maps, title, path, columns=7, label="Score-CAM"):
     """The original experiment's figure: the input, then one overlaid heatmap per conv layer."""
     n = len(maps) + 1
+    columns = min(columns, n)
     rows = -(-n // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.4), squeeze=False)
     axes = axes.ravel()
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=8)
     axes[0].axis("off")
-    for ax, (name, cam) in zip(axes[1:], maps.items()):
-        short = name.split("/")[-1].replace("block", "b").replace("_conv", " conv")
+    for ax, short, cam in zip(axes[1:], panel_names(maps), maps.values()):
         _overlay_panel(ax, image, cam[0] if cam.ndim == 3 else cam, short)
     for ax in axes[n:]:
         ax.axis("off")

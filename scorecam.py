@@ -544,7 +544,7 @@ def explain_file(model, names, display, image, source, args):
     shown = np.clip(x[0], 0, 255).astype(np.uint8)
     shown = np.repeat(shown, 3, axis=-1) if shown.shape[-1] == 1 else shown
     target = parse_class(args.class_name, names)
-    layers = [cam.path_name(r) for r in cam.conv_layers(model)] if args.all_layers else [args.layer]
+    layers = cam.conv_layers(model) if args.all_layers else [args.layer]
     maps, probs = explain_maps(model, x, layers, target, args)
     probs = probs[0]
     pred = int(probs.argmax())

@@ -30,7 +30,7 @@ JAX_SUBSET = {
     "test_gradcam.py": None,
     "test_signed_answers.py": None,
     "test_any_model.py": ("sigmoid", "any_input_size", "gradient_methods", "layer_cam_by_hand", "layer_lookup",
-                          "multi_input", "wrong_shape", "layer_name"),
+                          "multi_input", "wrong_shape", "layer_name", "named_alike"),
     "test_train.py": ("sigkill",),
     "test_regularise.py": ("resumes", "average"),
     "test_scorecam_cli.py": ("good_missing", "jpeg[gradcampp]"),

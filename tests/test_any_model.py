@@ -330,19 +330,40 @@ def test_layer_names_that_equal_our_own_ops_names_after_a_fresh_start(tmp_path, 
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
-def test_a_nested_layer_named_like_an_outer_one_is_a_clear_error_with_a_way_out():
-    """Explaining inside a nested model puts its layers in one graph with the outer ones, whose names must
-    differ: one ValueError naming the clash and what to explain instead, and that works."""
-    inner = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, padding="same", name="conv")],
-                             name="backbone")
+def test_layers_named_alike_at_three_depths_are_each_explained_at_their_own_place():
+    """A layer "conv" inside "backbone/inner", one inside "backbone" and one outside (a backbone loaded in a
+    fresh process and wrapped in new layers gets such names): each nested model is rebuilt as its own
+    sub-model, so each "conv" is explained where it is, against a plain per-image Score-CAM and the
+    backend's autodiff on the pre-softmax scores."""
+    keras.utils.set_random_seed(3)
+    convs = [layers.Conv2D(4, 3, padding="same", activation="relu", name="conv") for _ in range(3)]
+    inner = keras.Sequential([keras.Input((8, 8, 3)), convs[0]], name="inner")
+    mid_in = keras.Input((8, 8, 3))
+    backbone = keras.Model(mid_in, convs[1](inner(mid_in)), name="backbone")
     inp = keras.Input((8, 8, 3))
-    x = layers.Conv2D(4, 3, padding="same", name="conv")(inner(inp))
-    model = keras.Model(inp, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
-    images = images_for((8, 8, 3))
-    for method in (score_cam, grad_cam):
-        with pytest.raises(ValueError, match=r"'conv' is used twice among nested model\(s\) 'backbone'.*layer='backbone'"):
-            method(model, images, layer="backbone/conv")
-        assert method(model, images, layer="backbone").shape == (2, 8, 8)
+    gap, dense = layers.GlobalAveragePooling2D(), layers.Dense(3, activation="softmax")
+    model = keras.Model(inp, dense(gap(convs[2](backbone(inp)))))
+    w, b = (keras.ops.convert_to_tensor(v) for v in dense.get_weights())
+    images = images_for((8, 8, 3), n=3, seed=6)
+    with pytest.raises(ValueError, match="ambiguous; pass one of these paths: backbone/inner/conv, backbone/conv, /conv"):
+        cam.find_layer(model, "conv")
+
+    def run(x, start, stop):
+        for conv in convs[start:stop]:
+            x = conv(x)
+        return x
+
+    for depth, path in enumerate(["backbone/inner/conv", "backbone/conv", "/conv"]):
+        assert cam.find_layer(model, path).layer is convs[depth]
+        front = lambda x, d=depth: run(x, 0, d + 1)  # noqa: E731
+        back = lambda a, d=depth: keras.ops.matmul(keras.ops.mean(run(a, d + 1, 3), axis=(1, 2)), w) + b  # noqa: E731
+        plain = plain_score_cam(front, lambda x: np.asarray(model(x)), images)
+        assert_close_maps(score_cam(model, images, layer=path, precision="float32"), plain)
+        np.testing.assert_allclose(grad_cam(model, images, layer=path),
+                                   plain_gradient_cam(front, back, images, gradcam_weights), atol=2e-4)
+    maps, _ = score_cam_layers(model, images, cam.conv_layers(model), precision="float32")  # what --all-layers runs
+    assert list(maps) == ["backbone/inner/conv", "backbone/conv", "conv"]
+    np.testing.assert_array_equal(maps["conv"], score_cam(model, images, layer="/conv", precision="float32"))
 
 
 def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():

@@ -34,3 +34,11 @@ def test_figures_command_reproduces_the_cifar10_figures(tmp_path):
             # the tight bounding box follows the titles' text: a few pixels either way
             assert np.allclose(made.size, shipped.size, rtol=0.01) and made.mode == shipped.mode, name
             assert np.asarray(made).std() > 10, f"{name} is blank"
+
+
+def test_layer_panels_are_titled_by_name_and_by_path_where_names_repeat():
+    from plots import panel_names
+
+    assert panel_names(["block1_conv2", "backbone/Conv_1"]) == ["b1 conv2", "Conv_1"]
+    assert panel_names(["backbone/inner/conv", "backbone/conv", "conv", "backbone/out"]) == [
+        "backbone/inner/conv", "backbone/conv", "conv", "out"]
