@@ -400,7 +400,8 @@ def run(args):
     from model import load_model
 
     model, class_names, _ = load_model(args.model)
-    layer = cam.path_name(cam.find_layer(model, args.layer))
+    layer = cam.path_name(cam.find_layer(model, args.layer))  # reported; args.layer is what runs (also in the
+    # sanity check's re-initialised copy, where this model's layer objects are not)
     names = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -410,7 +411,7 @@ def run(args):
                   accuracy=float((predict(model, images, args.batch_size).argmax(1) == labels).mean()))
     print(f"{sample['n']} {sample['split']} images, model accuracy on them {sample['accuracy']:.3f}, layer {layer}",
           file=sys.stderr)
-    results = evaluate(model, images, names, layer, args.steps, args.batch_size, args.seed, args.blur_sigma,
+    results = evaluate(model, images, names, args.layer, args.steps, args.batch_size, args.seed, args.blur_sigma,
                        args.sanity_n)
     results = {"sample": sample, "settings": {
         "steps": args.steps, "blur_sigma": args.blur_sigma, "batch_size": args.batch_size,

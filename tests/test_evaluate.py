@@ -425,6 +425,28 @@ def test_folder_dataset_uses_the_validation_split(split_folder, capsys):
     assert sample["accuracy"] == 1.0
 
 
+def test_a_layer_path_runs_in_the_model_and_in_its_randomised_copy(split_folder, capsys):
+    """`--layer /conv`: the top model's own "conv" beside a backbone's "conv", explained in the trained model
+    and in the sanity check's re-initialised copy (a clone: the path, not a layer object, finds it there)."""
+    import keras
+
+    from model import save_model
+
+    backbone = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, padding="same", name="conv")],
+                                name="backbone")
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(backbone(inp))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    save_model(model, split_folder / "nested.keras", ["cat", "dog"])
+    out = split_folder / "nested.json"
+    ev.main(["--model", str(split_folder / "nested.keras"), "--dataset", "folder", "--data-dir",
+             str(split_folder / "data"), "--layer", "/conv", "--methods", "gradcam", "--sanity-n", "2",
+             "--steps", "4", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert results["sample"]["layer"] == "conv" and results["sanity_layers"][-1] == "backbone"
+    assert set(results["methods"]["gradcam"]["sanity_spearman"]) == set(results["sanity_layers"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "missing.keras"], "error: model file not found"),
     (["--data-dir", "nowhere"], "error: "),
