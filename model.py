@@ -96,6 +96,9 @@ def load_model(path):
     import cam
 
     path = Path(path)
+    if path.is_dir():  # a TF 2 SavedModel, or a model saved with a typo'd suffix by an older Keras
+        raise ValueError(f"{path} is a folder, not a model file: Keras 3 loads .keras (and legacy .h5) files; "
+                         "load the model where it was made and save it with model.save('name.keras')")
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
     try:

@@ -92,3 +92,18 @@ def test_not_a_model_is_a_clear_error(tmp_path):
         load_model(tmp_path / "x.keras")
     with pytest.raises(ValueError, match="not found"):
         load_model(tmp_path / "missing.keras")
+    (tmp_path / "saved_model").mkdir()  # what TF 2's model.save("dir") wrote
+    with pytest.raises(ValueError, match=r"is a folder, not a model file.*model.save\('name.keras'\)"):
+        load_model(tmp_path / "saved_model")
+
+
+def test_a_legacy_h5_model_file_loads_with_index_class_names(tmp_path):
+    import keras
+
+    m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(3, activation="softmax")])
+    m.save(tmp_path / "old.h5")
+    loaded, names, display = load_model(tmp_path / "old.h5")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
+    assert names == display == ["0", "1", "2"]
