@@ -20,7 +20,7 @@ def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
     height, width = image.shape[:2]
     channels = range(acts.shape[-1])
     if max_n:  # Faster-Score-CAM: the channels of largest spatial standard deviation
-        std = acts.reshape(-1, acts.shape[-1]).std(axis=0)
+        std = acts.reshape(-1, acts.shape[-1]).std(axis=0, dtype=np.float64)
         channels = sorted(np.argsort(-std, kind="stable")[:max_n])
     upsampled, masks, used = {}, [], []
     for k in channels:

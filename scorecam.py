@@ -4,6 +4,7 @@
     python scorecam.py IMAGE [IMAGE ...] [--model ANY.keras] [--layer NAME_OR_PATH | --all-layers]
                        [--method scorecam|faster-scorecam|gradcam|gradcampp|layercam]
                        [--class NAME_OR_INDEX] [--out PATH] [--max-n N] [--precision auto|float32|bfloat16]
+                       [--preprocess none|unit|tf|torch|caffe]   # a model trained on preprocessed pictures
     python scorecam.py --folder DIR --out OUTDIR [--layer NAME] ...   # one overlay PNG per picture, streamed
 
 For each channel k of a layer's activation A, A_k is upsampled bilinearly to the input size,
@@ -38,7 +39,8 @@ def check_max_n(max_n):
 
 def select_channels(activations, max_n):
     """Faster-Score-CAM: indices (N, max_n) of the channels with the largest spatial standard deviation."""
-    std = activations.reshape(len(activations), -1, activations.shape[-1]).std(axis=1)
+    flat = activations.reshape(len(activations), -1, activations.shape[-1])
+    std = flat.std(axis=1, dtype=np.float64)  # float64: a float32 variance overflows past 1e19
     return np.argsort(-std, axis=1, kind="stable")[:, :max_n]
 
 
@@ -525,6 +527,24 @@ def model_input(model, image):
     return x[None].astype(np.float32)
 
 
+PREPROCESSING = ("none", "unit", "tf", "torch", "caffe")
+
+
+def preprocess(x, mode):
+    """Pixels (N, H, W, C) in [0, 255] as a model trained on preprocessed pictures takes them (--preprocess):
+    "none" as they are (preprocessing inside the model), "unit" x / 255, and keras.applications'
+    ImageNet modes: "tf" [-1, 1], "torch" [0, 1] less the ImageNet mean over its std, "caffe" BGR less
+    the ImageNet mean. Score-CAM then masks the preprocessed input, as the authors' code does."""
+    if mode == "none":
+        return x
+    if mode == "unit":
+        return x / np.float32(255)
+    if mode in ("torch", "caffe") and x.shape[-1] != 3:
+        raise ValueError(f"--preprocess {mode} is for RGB models; this one takes {x.shape[-1]}-channel images "
+                         "(use --preprocess none, unit or tf)")
+    return keras.applications.imagenet_utils.preprocess_input(np.array(x, np.float32), mode=mode)
+
+
 def explain_maps(model, x, layers, target, args):
     """({layer: maps}, probabilities) of the chosen method for the layers."""
     method = cam.METHODS[args.method]
@@ -545,7 +565,7 @@ def explain_file(model, names, display, image, source, args):
     shown = np.repeat(shown, 3, axis=-1) if shown.shape[-1] == 1 else shown
     target = parse_class(args.class_name, names)
     layers = cam.conv_layers(model) if args.all_layers else [args.layer]
-    maps, probs = explain_maps(model, x, layers, target, args)
+    maps, probs = explain_maps(model, preprocess(x, args.preprocess), layers, target, args)
     probs = probs[0]
     pred = int(probs.argmax())
     parent = Path(source).parent.name
@@ -619,7 +639,7 @@ def explain_folder(model, names, args):
                 bar.update(1)
             if paths and (len(paths) == args.read_batch or n == len(files)):
                 in_flight.append((paths, pictures))  # the originals of the batches in flight, no more
-                yield np.concatenate([model_input(model, p) for p in pictures])
+                yield preprocess(np.concatenate([model_input(model, p) for p in pictures]), args.preprocess)
                 paths, pictures = [], []
 
     method = cam.METHODS[args.method].function
@@ -669,6 +689,10 @@ def main(argv=None):
     p.add_argument("--out", default="out", help="output PNG or JPEG (one image) or folder (default: %(default)s/)")
     p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass")
     p.add_argument("--max-n", type=int, help="Faster-Score-CAM: use only the N most varying channels")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="none",
+                   help="how the model takes pixels, where it was trained on preprocessed pictures without that "
+                   "step inside it: none (default: [0, 255], or preprocessing inside the model), unit ([0, 1]), "
+                   "or keras.applications' ImageNet modes tf ([-1, 1]), torch, caffe")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="forward passes in float32 or bfloat16 (default: %(default)s, measured on this machine)")
     p.add_argument("--read-batch", type=int, default=16, help="--folder: pictures read and explained together")
@@ -689,6 +713,7 @@ def main(argv=None):
         model, names, display = load_model(args.model)
         parse_class(args.class_name, names)
         cam.find_layer(model, args.layer)
+        preprocess(np.zeros((1, 1, 1, cam.input_spec(model)[2]), np.float32), args.preprocess)
         if args.devices is not None:
             if not args.folder:
                 raise ValueError("--devices works with --folder (many pictures); one picture runs on one device")

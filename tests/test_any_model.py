@@ -345,7 +345,8 @@ def test_layers_named_alike_at_three_depths_are_each_explained_at_their_own_plac
     model = keras.Model(inp, dense(gap(convs[2](backbone(inp)))))
     w, b = (keras.ops.convert_to_tensor(v) for v in dense.get_weights())
     images = images_for((8, 8, 3), n=3, seed=6)
-    with pytest.raises(ValueError, match="ambiguous; pass one of these paths: backbone/inner/conv, backbone/conv, /conv"):
+    with pytest.raises(ValueError, match="ambiguous; pass one of these paths: backbone/inner/conv, backbone/conv, "
+                                         "/conv"):
         cam.find_layer(model, "conv")
 
     def run(x, start, stop):

@@ -195,3 +195,13 @@ def test_auc_is_the_trapezoid_rule_in_float64_over_the_last_axis():
     # 1 - 2**-30 to 1
     assert evaluate.auc([0.0, 1.0], np.array([1, 1 + 2**-23], np.float32)) == 1 + 2**-24
     assert evaluate.auc(np.array([2**-30, 1], np.float32), [1.0, 1.0]) == 1 - 2**-30
+
+
+def test_select_channels_ranks_by_spatial_std_per_image_even_past_float32s_range():
+    from scorecam import select_channels
+
+    a = np.zeros((2, 2, 2, 3), np.float32)
+    a[0, 0, 0] = [1, 3, 2]  # image 0: std ranks channel 1, 2, 0
+    a[1, 1, 1] = [5, 0, 4]  # image 1: 0, 2, 1
+    np.testing.assert_array_equal(select_channels(a, 2), [[1, 2], [0, 2]])
+    np.testing.assert_array_equal(select_channels(a * np.float32(1e20), 3), [[1, 2, 0], [0, 2, 1]])  # var ~1e40

@@ -115,3 +115,54 @@ def test_unknown_layer_unknown_class_and_bad_model(tmp_path, tiny_model_path, ca
     assert r.returncode == 1 and "not a Keras model file" in r.stderr
     assert_one_line_errors(r.stderr, 1)
     assert not (tmp_path / "o").exists()
+
+
+def test_preprocess_feeds_a_model_trained_on_preprocessed_pictures_what_it_was_trained_on(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--preprocess unit / caffe: the maps and probabilities are those of the model on x / 255 and on
+    BGR - ImageNet mean (written out here), x being the resized picture; the figure still shows the
+    picture. A one-channel model with caffe: one error line."""
+    import keras
+
+    import plots
+    import scorecam
+    from data.images import read_image, resize
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((24, 24, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.save(tmp_path / "m.keras")
+    image = picture(tmp_path)
+    pixels = resize(read_image(image), (24, 24)).astype(np.float32)[None]
+    drawn = {}
+    monkeypatch.setattr(plots, "single_layer_figure", lambda original, shown, heat, *a, **kw: drawn.update(
+        shown=shown, heat=heat, title=a[1]))
+    by_hand = {"unit": pixels / 255, "caffe": pixels[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)}
+    for mode, x in by_hand.items():
+        with pytest.raises(SystemExit) as done:
+            scorecam.main([str(image), "--model", str(tmp_path / "m.keras"), "--preprocess", mode, "--precision",
+                           "float32", "--out", str(tmp_path / f"{mode}.png")])
+        assert done.value.code == 0
+        probs = model.predict(x, verbose=0)[0]
+        np.testing.assert_allclose(drawn["heat"], scorecam.score_cam(model, x, precision="float32")[0], atol=1e-6)
+        assert f"({probs.max():.2f})" in drawn["title"]
+        np.testing.assert_array_equal(drawn["shown"], pixels[0].astype(np.uint8))
+    assert not np.allclose(*(scorecam.score_cam(model, x, precision="float32") for x in by_hand.values()))
+    (tmp_path / "pics").mkdir()
+    image.rename(tmp_path / "pics" / image.name)
+    with pytest.raises(SystemExit) as done:  # --folder: the same preprocessing, batch by batch
+        scorecam.main(["--folder", str(tmp_path / "pics"), "--model", str(tmp_path / "m.keras"), "--preprocess",
+                       "unit", "--precision", "float32", "--out", str(tmp_path / "outs")])
+    assert done.value.code in (0, None)
+    heat = scorecam.score_cam(model, by_hand["unit"], precision="float32")[0]
+    written = np.asarray(Image.open(tmp_path / "outs" / "cat_scorecam.png"))
+    assert np.abs(written.astype(int) - plots.overlay(read_image(tmp_path / "pics" / image.name), heat)).max() <= 1
+    grey = keras.Sequential([keras.Input((24, 24, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                             keras.layers.Dense(2)])
+    grey.save(tmp_path / "grey.keras")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        scorecam.main([str(image), "--model", str(tmp_path / "grey.keras"), "--preprocess", "caffe"])
+    assert e.value.code == "error: --preprocess caffe is for RGB models; this one takes 1-channel images " \
+                           "(use --preprocess none, unit or tf)"
