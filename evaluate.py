@@ -52,7 +52,7 @@ from tqdm import tqdm
 import cam
 import gradcam  # noqa: F401  (registers the gradient methods and the floors)
 from atomic import write_text
-from scorecam import DEFAULT_MODEL
+from scorecam import DEFAULT_MODEL, PREPROCESSING, preprocess
 
 METHODS = cam.METHODS
 METRICS = {"avg_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
@@ -407,6 +407,8 @@ def run(args):
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     images, labels, sample = load_sample(args, model, class_names)
+    images = preprocess(images, args.preprocess)
+    sample["preprocess"] = args.preprocess
     sample.update(model=str(args.model), layer=layer,
                   accuracy=float((predict(model, images, args.batch_size).argmax(1) == labels).mean()))
     print(f"{sample['n']} {sample['split']} images, model accuracy on them {sample['accuracy']:.3f}, layer {layer}",
@@ -448,6 +450,9 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1000, help="images in the sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample, tie-break, noise floor and bootstrap seed")
     p.add_argument("--layer", help="conv layer to explain (default: the last)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="none",
+                   help="a model trained on preprocessed pictures without the step inside it: as scorecam.py's "
+                   "(the maps, deletion (to 0) and insertion (blur) then work on the preprocessed input)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--steps", type=int, default=STEPS, help="deletion/insertion steps (default %(default)s)")
     p.add_argument("--blur-sigma", type=float, default=BLUR_SIGMA, help="insertion blur (default %(default)s px)")

@@ -447,6 +447,29 @@ def test_a_layer_path_runs_in_the_model_and_in_its_randomised_copy(split_folder,
     assert set(results["methods"]["gradcam"]["sanity_spearman"]) == set(results["sanity_layers"])
 
 
+def test_preprocess_unit_evaluates_a_unit_range_model_as_its_pixel_twin(split_folder):
+    """The brightness model rebuilt for [0, 1] input (its 1x1 conv 255 times larger), evaluated with
+    --preprocess unit, gives the [0, 255] model's accuracy and metrics (the same activations; deleting to 0
+    and blurring commute with / 255); without it, it sees 255 times its range and calls every picture bright."""
+    from model import save_model
+
+    unit = brightness_model(w=8.0, size=32, offset=0.5)
+    unit.get_layer("conv").set_weights([np.full((1, 1, 3, 1), 1 / 3, np.float32)])
+    save_model(unit, split_folder / "unit.keras", ["cat", "dog"])
+    results = {}
+    for name, mode in (("bright", "none"), ("unit", "unit"), ("unit", "none")):
+        out = split_folder / f"{name}_{mode}.json"
+        ev.main(["--model", str(split_folder / f"{name}.keras"), "--dataset", "folder", "--data-dir",
+                 str(split_folder / "data"), "--split-seed", str(SPLIT_SEED), "--methods", "gradcam",
+                 "--sanity-n", "0", "--steps", "4", "--preprocess", mode, "--json", str(out)])
+        results[name, mode] = json.loads(out.read_text())
+    want, got, raw = results["bright", "none"], results["unit", "unit"], results["unit", "none"]
+    assert want["sample"]["accuracy"] == got["sample"]["accuracy"] == 1.0 and raw["sample"]["accuracy"] == 0.5
+    assert got["sample"]["preprocess"] == "unit"
+    for metric in ("avg_drop", "increase", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve"):
+        np.testing.assert_allclose(got["methods"]["gradcam"][metric], want["methods"]["gradcam"][metric], atol=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "missing.keras"], "error: model file not found"),
     (["--data-dir", "nowhere"], "error: "),
