@@ -487,13 +487,15 @@ scorecam_options = options(
      "--method": st.sampled_from(["scorecam", "faster-scorecam", "gradcam", "gradcampp", "layercam"]),
      "--class": st.sampled_from(["0", "b", "2"]), "--max-n": st.sampled_from(["0", "2", "100"]),
      "--batch-size": st.sampled_from(["1", "7"]), "--precision": st.sampled_from(["float32", "bfloat16"]),
-     "--read-batch": st.sampled_from(["1", "3"]), "--out": st.sampled_from(["out", "out.png", "out.jpg"])},
+     "--read-batch": st.sampled_from(["1", "3"]), "--out": st.sampled_from(["out", "out.png", "out.jpg"]),
+     "--preprocess": st.sampled_from(["none", "unit", "tf", "caffe"])},
     [("--model", "not a model"), ("--model", "missing"), ("images", ["broken", "missing", "picture"]),
      ("images", "--folder missing"), ("images", "--folder a file"), ("--layer", "gap"), ("--layer", "predictions"),
      ("--layer", "nope"), ("--all-layers", None), ("--method", "random"), ("--method", "nope"), ("--class", "-1"),
      ("--class", "3"), ("--class", "²"), ("--class", "nope"), ("--max-n", "-3"), ("--max-n", "x"),
      ("--batch-size", "0"), ("--batch-size", "2.5"), ("--precision", "float8"), ("--read-batch", "0"),
-     ("--devices", "0"), ("--devices", "x"), ("--devices", "2"), ("--devices", "all"), ("--out", "under a file")])
+     ("--devices", "0"), ("--devices", "x"), ("--devices", "2"), ("--devices", "all"), ("--out", "under a file"),
+     ("--preprocess", "imagenet")])
 
 
 def scorecam_argv(opts, paths):
@@ -533,14 +535,15 @@ evaluate_options = options(
     {"--n": st.sampled_from(["1", "2", "1000"]), "--blur-sigma": st.sampled_from(["0.5", "1000"]),
      "--seed": st.sampled_from(["7", str(2**32 - 1)]), "--split-seed": st.sampled_from(["3"]),
      "--batch-size": st.sampled_from(["1", "256"]), "--layer": st.sampled_from(["conv1", "linear"]),
-     "--json": st.just("results.json"), "--figure": st.just("curves.png")},
+     "--json": st.just("results.json"), "--figure": st.just("curves.png"),
+     "--preprocess": st.sampled_from(["unit", "torch"])},
     [("--model", "not a model"), ("--model", "missing"), ("--data-dir", "missing"), ("--data-dir", "a file"),
      ("--data-dir", None), ("--dataset", "cifar10"), ("--dataset", "imagenet"), ("--methods", "layercam,nope"),
      ("--steps", "0"), ("--steps", "100000000"), ("--steps", "x"), ("--sanity-n", "-2"), ("--n", "0"), ("--n", "-1"),
      ("--blur-sigma", "0"), ("--blur-sigma", "-1"), ("--blur-sigma", "nan"), ("--blur-sigma", "1e9"),
      ("--seed", "-1"), ("--seed", str(2**32)), ("--seed", str(2**63)), ("--split-seed", "-1"), ("--batch-size", "0"),
      ("--layer", "gap"), ("--layer", "nope"), ("--json", "under a file"), ("--figure", "curves"),
-     ("--figure", "under a file.png"), ("--markdown", "picture"), ("--markdown", "missing")])
+     ("--figure", "under a file.png"), ("--markdown", "picture"), ("--markdown", "missing"), ("--preprocess", "")])
 
 
 def evaluate_argv(opts, paths):
