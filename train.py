@@ -5,7 +5,8 @@
     python train.py --dataset folder --data-dir FACES_DIR --image-size 64 --out runs/characters
 
 RUN_DIR gets model.keras (+ model.classes.json), history.csv, acc.png, loss.png and
-results.json. Rerunning with the same --out resumes an interrupted run where it stopped.
+results.json. Rerunning with the same --out and options resumes an interrupted run where it
+stopped (RUN_DIR/options.json holds them; other options are an error, --overwrite starts afresh).
 """
 import argparse
 import contextlib
@@ -374,7 +375,8 @@ def parse_args(argv=None):
                                                                               "AVX-512 BF16 and on recent GPUs")
     p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--out", default="runs/latest", help="RUN_DIR for the model, history, curves (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a finished run")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a finished or an "
+                   "interrupted run")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     p.add_argument("--devices", help="train data-parallel on N devices, 'all', or names gpu:0,gpu:1 (Keras's "
                    "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple of N)")
@@ -388,6 +390,28 @@ def parse_args(argv=None):
     return args
 
 
+def run_options(args):
+    """What a run is: its data, split, seed and recipe (not where it is written or how it reports), as
+    written to RUN_DIR/options.json; a resumed run must have the same."""
+    options = {"dataset": args.dataset, "image_size": args.image_size if args.dataset == "folder" else None,
+               "val_split": args.val_split, "seed": args.seed, **{k: getattr(args, k) for k in RECIPES["original"]}}
+    return json.loads(json.dumps(options))  # as it reads back
+
+
+def check_resumable(run, args):
+    """A ValueError naming the options that differ from those of the interrupted run in `run`."""
+    path = run / "options.json"
+    if not (run / "backup").exists() or args.overwrite or not path.is_file():
+        return
+    before, now = json.loads(path.read_text()), run_options(args)
+    changed = [k for k in now if before.get(k) != now[k]]
+    if changed:
+        def flags(values):
+            return " ".join(f"--{k.replace('_', '-')} {values.get(k)}" for k in changed)
+        raise ValueError(f"{run} holds an interrupted run made with {flags(before)} (now {flags(now)}); rerun "
+                         "with its options to resume it, pass --overwrite to start afresh, or choose another --out")
+
+
 def train(args, extra_callbacks=()):
     run = Path(args.out)
     backup = run / "backup"
@@ -395,16 +419,20 @@ def train(args, extra_callbacks=()):
         raise ValueError(f"--out {run} is a file, not a folder; choose another --out")
     if (run / "results.json").is_file() and not backup.exists() and not args.overwrite:
         raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
+    check_resumable(run, args)
     devices = runtime.resolve_devices(args.devices)
     if args.batch_size % len(devices):
         raise ValueError(f"--batch-size {args.batch_size} does not divide evenly over {len(devices)} devices; "
                          f"pass a multiple of {len(devices)}")
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)  # may fail: change nothing before
+    if args.overwrite:
+        shutil.rmtree(backup, ignore_errors=True)
     if not backup.exists():  # a fresh start: nothing from an older run
         for stale in ("results.json", "history.csv", "confusion.png"):
             (run / stale).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
+    write_text(run / "options.json", json.dumps(run_options(args), indent=1))
     print(f"{len(x_train)} training and {len(x_val)} {val_name} images, {len(names)} classes; recipe: "
           + ", ".join(f"{k}={getattr(args, k)}" for k in RECIPES["original"]))
     if not len(x_val):

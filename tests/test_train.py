@@ -125,6 +125,26 @@ def test_interrupted_training_resumes_to_the_same_model(color_folder, tmp_path, 
         np.testing.assert_array_equal(wa, wb)
 
 
+def test_an_interrupted_run_resumes_only_with_its_own_options(color_folder, tmp_path, monkeypatch, capsys):
+    """Rerunning an interrupted run with another recipe would continue it under the new one, silently: one
+    error line naming the options that differ, the run untouched; --overwrite starts afresh."""
+    monkeypatch.setattr(train, "build_model", small_model)
+    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "2", "--out", str(tmp_path / "run")]
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args([*args, "--augment", "rotate-shift-flip"]), extra_callbacks=[Interrupt(after=1)])
+    backup = sorted(p.name for p in (tmp_path / "run" / "backup").iterdir())
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--augment", "none", "--seed", "3"])
+    assert e.value.code == (f"error: {tmp_path / 'run'} holds an interrupted run made with --seed 0 --augment "
+                            "rotate-shift-flip (now --seed 3 --augment none); rerun with its options to resume it, pass "
+                            "--overwrite to start afresh, or choose another --out")
+    assert sorted(p.name for p in (tmp_path / "run" / "backup").iterdir()) == backup
+    assert history_epochs(tmp_path / "run") == [0]
+    train.train(train.parse_args([*args, "--augment", "none", "--overwrite"]))
+    assert history_epochs(tmp_path / "run") == [0, 1] and not (tmp_path / "run" / "backup").exists()
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["augment"] == "none"
+
+
 def test_death_while_the_backup_is_written_resumes_from_the_last_complete_one(tmp_path):
     """Keras's own callback rewrites its weights file in place: dying mid-write left an unreadable
     checkpoint (CI saw "bad object header version number"). Ours must fall back to the last whole one.
