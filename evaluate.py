@@ -446,7 +446,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
     p.add_argument("--data-dir", help="cifar10: pickles or train/ test/ folders (default: Keras download); "
                                       "folder: one subfolder per class")
-    p.add_argument("--split-seed", type=int, default=0, help="folder: train.py's --seed, to get its validation split")
+    p.add_argument("--split-seed", type=int, default=0, help="folder: train.py's --split-seed (its --seed unless given), to get its "
+                   "validation split")
     p.add_argument("--n", type=int, default=1000, help="images in the sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample, tie-break, noise floor and bootstrap seed")
     p.add_argument("--layer", help="conv layer to explain (default: the last)")

@@ -284,7 +284,7 @@ def load_data(args):
         if not args.val_split:  # validate on the test split (and keep the last epoch: see fit)
             return x_train, y_train, x_test, y_test, names, None, "test"
         # choose on training pictures held out as for folders (0.1: 500 a class), never on the test split
-        train, val = stratified_split(y_train, args.val_split, args.seed)
+        train, val = stratified_split(y_train, args.val_split, args.split_seed)
         return x_train[train], y_train[train], x_train[val], y_train[val], names, None, "validation"
 
     if not args.data_dir:
@@ -292,7 +292,7 @@ def load_data(args):
     size = (args.image_size, args.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # reported below, in one line
-        d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.seed)
+        d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.split_seed)
     if d.skipped:
         print(f"skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0][1]}", file=sys.stderr)
     display = read_display_names(args.names, d.class_names) if args.names else None
@@ -351,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=_number(int, MIN_IMAGE_SIZE), default=64,
                    help=f"folder: images are resized to this square size, at least {MIN_IMAGE_SIZE} (default: 64)")
     p.add_argument("--val-split", type=_number(float, 0.0, 1.0, high_open=True),
-                   help="fraction of the training pictures held out for validation, stratified, seeded by --seed "
+                   help="fraction of the training pictures held out for validation, stratified, seeded by --split-seed "
                         "(folder default 0.2; 0 trains on every picture, without validation); cifar10 default 0: "
                         "validate on the test split and keep the last epoch; 0.1 holds out 5,000 training pictures "
                         "and keeps the best epoch on them")
@@ -373,7 +373,11 @@ def parse_args(argv=None):
                         "(e.g. 0.999); 0 (default) trains without one")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], help="mixed_bfloat16 is faster on CPUs with "
                                                                               "AVX-512 BF16 and on recent GPUs")
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+                   help="initial weights, batch order, augmentation and dropout (default 0)")
+    p.add_argument("--split-seed", type=_number(int, 0, 2**32 - 1),
+                   help="the validation split (default: --seed); fixed, runs of several --seed values are compared "
+                        "on the same pictures")
     p.add_argument("--out", default="runs/latest", help="RUN_DIR for the model, history, curves (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a finished or an "
                    "interrupted run")
@@ -383,6 +387,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.val_split is None:
         args.val_split = 0.2 if args.dataset == "folder" else 0.0
+    if args.split_seed is None:
+        args.split_seed = args.seed
     recipe = RECIPES["original" if args.recipe == "original" else args.dataset]
     for key, value in recipe.items():
         if getattr(args, key) is None:
@@ -394,7 +400,8 @@ def run_options(args):
     """What a run is: its data, split, seed and recipe (not where it is written or how it reports), as
     written to RUN_DIR/options.json; a resumed run must have the same."""
     options = {"dataset": args.dataset, "image_size": args.image_size if args.dataset == "folder" else None,
-               "val_split": args.val_split, "seed": args.seed, **{k: getattr(args, k) for k in RECIPES["original"]}}
+               "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
+               **{k: getattr(args, k) for k in RECIPES["original"]}}
     return json.loads(json.dumps(options))  # as it reads back
 
 
@@ -404,7 +411,7 @@ def check_resumable(run, args):
     if not (run / "backup").exists() or args.overwrite or not path.is_file():
         return
     before, now = json.loads(path.read_text()), run_options(args)
-    changed = [k for k in now if before.get(k) != now[k]]
+    changed = [k for k in now if k in before and before[k] != now[k]]  # a key it lacks: an older version's
     if changed:
         def flags(values):
             return " ".join(f"--{k.replace('_', '-')} {values.get(k)}" for k in changed)
@@ -503,7 +510,8 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)), "epochs": int(args.epochs),
                "wall_seconds_this_session": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}"
                f", {os.cpu_count()} cores", "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
-               "val_split": args.val_split, "seed": args.seed, "backend": keras.backend.backend(),
+               "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
+               "backend": keras.backend.backend(),
                "devices": runtime.resolve_devices(args.devices),
                "confusion_matrix": matrix.tolist(), "classes": names}
     write_text(run / "results.json", json.dumps(results, ensure_ascii=False, indent=1))

@@ -216,14 +216,14 @@ valid_cli_options = st.tuples(
         "--augment": st.sampled_from(["none", "crop-flip", "rotate-shift-flip", "crop-flip+randaugment+cutout"]),
         "--mix": st.sampled_from(["mixup", "cutmix"]), "--ema-momentum": st.sampled_from(["0", "0.99"]),
         "--precision": st.sampled_from(["float32", "mixed_bfloat16"]), "--seed": st.sampled_from(["0", "4294967295"]),
-        "--recipe": st.sampled_from(["default", "original"])})).map(
+        "--split-seed": st.sampled_from(["3"]), "--recipe": st.sampled_from(["default", "original"])})).map(
     lambda t: {"--dataset": t[0][0], "--data-dir": t[0][1], **t[1]})
 BREAKS = [("--dataset", "imagenet"), ("--data-dir", None), ("--data-dir", "missing"), ("--data-dir", "a file"),
           ("--data-dir", "one class"), ("--data-dir", "malicious pickles"), ("--epochs", "0"), ("--epochs", "x"),
           ("--batch-size", "0"), ("--batch-size", "2.5"), ("--image-size", "8"), ("--val-split", "1"),
           ("--val-split", "nan"), ("--learning-rate", "inf"), ("--label-smoothing", "1.5"), ("--weight-decay", "-1"),
           ("--schedule", "cyclic"), ("--augment", "mixup"), ("--augment", "crop-flip+cutout+cutout"), ("--mix", "cutout"),
-          ("--ema-momentum", "1"), ("--precision", "float8"), ("--seed", "-5"),
+          ("--ema-momentum", "1"), ("--precision", "float8"), ("--seed", "-5"), ("--split-seed", "x"),
           ("--recipe", "best"), ("--out", "a file")]
 cli_options = st.tuples(valid_cli_options, st.one_of(st.none(), st.sampled_from(BREAKS))).map(
     lambda t: {**t[0], **dict([t[1]] if t[1] else [])})

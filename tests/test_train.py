@@ -135,14 +135,25 @@ def test_an_interrupted_run_resumes_only_with_its_own_options(color_folder, tmp_
     backup = sorted(p.name for p in (tmp_path / "run" / "backup").iterdir())
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--augment", "none", "--seed", "3"])
-    assert e.value.code == (f"error: {tmp_path / 'run'} holds an interrupted run made with --seed 0 --augment "
-                            "rotate-shift-flip (now --seed 3 --augment none); rerun with its options to resume it, pass "
+    assert e.value.code == (f"error: {tmp_path / 'run'} holds an interrupted run made with --seed 0 --split-seed 0 "
+                            "--augment rotate-shift-flip (now --seed 3 --split-seed 3 --augment none); rerun with its options to resume it, pass "
                             "--overwrite to start afresh, or choose another --out")
     assert sorted(p.name for p in (tmp_path / "run" / "backup").iterdir()) == backup
     assert history_epochs(tmp_path / "run") == [0]
     train.train(train.parse_args([*args, "--augment", "none", "--overwrite"]))
     assert history_epochs(tmp_path / "run") == [0, 1] and not (tmp_path / "run" / "backup").exists()
     assert json.loads((tmp_path / "run" / "options.json").read_text())["augment"] == "none"
+
+
+def test_split_seed_fixes_the_validation_split_while_the_seed_varies(color_folder):
+    def val(*extra):
+        x_train, y_train, x_val, y_val, *_ = train.load_data(train.parse_args([*TINY, "--data-dir", str(color_folder),
+                                                                              *extra]))
+        return x_val
+
+    np.testing.assert_array_equal(val("--seed", "1", "--split-seed", "0"), val("--seed", "0"))
+    assert not np.array_equal(val("--seed", "1"), val("--seed", "0"))
+    assert train.run_options(train.parse_args([*TINY, "--seed", "4"]))["split_seed"] == 4
 
 
 def test_death_while_the_backup_is_written_resumes_from_the_last_complete_one(tmp_path):
