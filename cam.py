@@ -77,6 +77,13 @@ def path_name(ref):
     return "/".join(ref.path)
 
 
+def passable_path(model, ref):
+    """The path as find_layer takes it back: "/conv" for the top model's own "conv" where a nested layer
+    shares the name (a bare "conv" would be ambiguous), path_name otherwise."""
+    shared = len(ref.path) == 1 and sum(r.path[-1] == ref.path[0] for r in all_layers(model)) > 1
+    return "/" * shared + path_name(ref)
+
+
 def at_path(model, path):
     """The LayerRef at exactly this path (a tuple of names)."""
     found = [ref for ref in all_layers(model) if ref.path == tuple(path)]
@@ -123,7 +130,7 @@ def find_layer(model, layer=None):
         subject = repr(layer) if named == "no layer named" else what
         raise ValueError(f"{named} {subject} in the model; conv layers: {_listing(convs) or 'none'}")
     if len(found) > 1:
-        paths = ", ".join(("/" if len(r.path) == 1 else "") + path_name(r) for r in found)  # "/conv": the outer one
+        paths = ", ".join(passable_path(model, r) for r in found)
         raise ValueError(f"{what} is ambiguous; pass one of these paths: {paths}")
     return found[0]
 

@@ -400,8 +400,8 @@ def run(args):
     from model import load_model
 
     model, class_names, _ = load_model(args.model)
-    layer = cam.path_name(cam.find_layer(model, args.layer))  # reported; args.layer is what runs (also in the
-    # sanity check's re-initialised copy, where this model's layer objects are not)
+    # reported; args.layer is what runs, also in the sanity check's copy (where this model's layer objects are not)
+    layer = cam.passable_path(model, cam.find_layer(model, args.layer))
     names = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -446,8 +446,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
     p.add_argument("--data-dir", help="cifar10: pickles or train/ test/ folders (default: Keras download); "
                                       "folder: one subfolder per class")
-    p.add_argument("--split-seed", type=int, default=0, help="folder: train.py's --split-seed (its --seed unless given), to get its "
-                   "validation split")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="folder: train.py's --split-seed (its --seed unless given), to get its validation split")
     p.add_argument("--n", type=int, default=1000, help="images in the sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample, tie-break, noise floor and bootstrap seed")
     p.add_argument("--layer", help="conv layer to explain (default: the last)")

@@ -443,7 +443,7 @@ def test_a_layer_path_runs_in_the_model_and_in_its_randomised_copy(split_folder,
              str(split_folder / "data"), "--layer", "/conv", "--methods", "gradcam", "--sanity-n", "2",
              "--steps", "4", "--json", str(out)])
     results = json.loads(out.read_text())
-    assert results["sample"]["layer"] == "conv" and results["sanity_layers"][-1] == "backbone"
+    assert results["sample"]["layer"] == "/conv" and results["sanity_layers"][-1] == "backbone"
     assert set(results["methods"]["gradcam"]["sanity_spearman"]) == set(results["sanity_layers"])
 
 
