@@ -69,8 +69,26 @@ def test_one_epoch_writes_every_output(color_folder, tmp_path):
     assert names == ["blue", "green", "red"] and model.input_shape == (None, 16, 16, 3)
     results = json.loads((run / "results.json").read_text())
     assert 0 <= results["validation_accuracy"] <= 1 and results["validation_images"] == 6
+    assert 0 <= results["validation_accuracy_mirror_averaged"] <= 1
     assert results["backend"] == keras.backend.backend() and results["devices"]  # where the accuracy was measured
     assert history_epochs(run) == [0]
+
+
+def test_mirror_averaged_accuracy_is_that_of_the_mean_of_the_picture_and_its_mirror_image():
+    """A known answer on two-pixel pictures [left, right]: class 0's logit is 3 * left, class 1's 0.5, so
+    flipping moves the left pixel's evidence. [0.2, 0] and [0, 0.5] are right alone and wrong averaged with
+    their mirror image; [0.1, 0.9] the reverse. A flip along any other axis would change nothing."""
+    from keras import layers
+
+    inputs = keras.Input(shape=(1, 2, 1))
+    dense = layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(layers.Flatten()(inputs)))
+    dense.set_weights([np.array([[3.0, 0.0], [0.0, 0.0]]), np.array([0.0, 0.5])])
+    images = np.array([[0.2, 0.0], [0.0, 0.5], [0.1, 0.9]]).reshape(3, 1, 2, 1)
+    labels = np.array([0, 1, 0])
+    pred, accuracy, mirrored = train.accuracies(model, images, labels)
+    assert pred.tolist() == [0, 1, 1]
+    assert accuracy == pytest.approx(2 / 3) and mirrored == pytest.approx(1 / 3)
 
 
 class Interrupt(keras.callbacks.Callback):
