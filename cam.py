@@ -10,8 +10,9 @@ Any single-input Keras image classifier can be explained:
             Conv2D-family layer.
   score     the authors' probabilities, softmax applied once: a model ending in a softmax (a
             Softmax layer, or an Activation or any layer with activation="softmax") gives its
-            probabilities, any other output is taken as logits; a one-unit output (sigmoid or
-            logit z) is two classes with scores (-z/2, z/2), i.e. class 1 has p and class 0 1 - p.
+            probabilities, a sigmoid output of several units its own per-unit probabilities, any
+            other output is taken as logits; a one-unit output (sigmoid or logit z) is two classes
+            with scores (-z/2, z/2), i.e. class 1 has p and class 0 1 - p.
             The gradient methods differentiate the pre-softmax scores.
   images    (N, H, W, C) at the model's input size (any size where the model has None), pixels as
             the model takes them: preprocessing belongs inside the model.
@@ -285,9 +286,10 @@ class _ScoreHead(keras.layers.Layer):
 
     def call(self, scores):
         scores = keras.ops.cast(scores, "float32")
-        if scores.shape[-1] == 1:  # one unit: class 1 has p = sigmoid(z), class 0 has 1 - p
+        one_unit = scores.shape[-1] == 1
+        if one_unit:  # one unit: class 1 has p = sigmoid(z), class 0 has 1 - p (the softmax of the two)
             scores = keras.ops.concatenate([-scores / 2, scores / 2], axis=-1)
-        sigmoid = self.link == "sigmoid" and scores.shape[-1] > 2
+        sigmoid = self.link == "sigmoid" and not one_unit  # each unit of a sigmoid head its own probability
         return scores, keras.ops.sigmoid(scores) if sigmoid else keras.ops.softmax(scores)
 
 

@@ -361,9 +361,52 @@ def curves_figure(results, path):
 
 # ---------------------------------------------------------------- command line
 
+def folder_split(args, size):
+    """({val_split, split_seed}, {where each came from}) of the validation split train.py held out for the model:
+    the command line's, else those in the options.json train.py wrote beside the model (RUN_DIR), else
+    train.py's folder defaults (0.2, seed 0: how the shipped models/characters.keras was trained)."""
+    path = Path(args.model).parent / "options.json"
+    run = {}
+    if path.is_file():
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+            run = run if isinstance(run, dict) and run.get("dataset") == "folder" else {}
+            saved = dict(val_split=float(run["val_split"]), split_seed=int(run.get("split_seed", run["seed"])),
+                         image_size=int(run["image_size"])) if run else {}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not train.py's options ({type(e).__name__}: {e}); move it away from "
+                             "the model, or pass --val-split and --split-seed") from None
+        if run and tuple(size) != (saved["image_size"],) * 2:
+            raise ValueError(f"{path} is a run at --image-size {saved['image_size']}, the model takes "
+                             f"{size[0]}x{size[1]}: not this model's run; move the model or that file")
+    chosen, sources = {}, {}
+    for key, default in (("val_split", 0.2), ("split_seed", 0)):
+        if getattr(args, key) is not None:
+            chosen[key], sources[key] = getattr(args, key), f"--{key.replace('_', '-')}"
+        elif run:
+            chosen[key], sources[key] = saved[key], str(path)
+        else:
+            chosen[key], sources[key] = default, "train.py's default"
+    if chosen["val_split"] == 0:  # only options.json can say so: the parser refuses --val-split 0
+        raise ValueError(f"{path} says the model was trained on every picture (--val-split 0): none is held out to "
+                         "evaluate it on; pass --val-split to evaluate it on pictures it was trained on anyway")
+    return chosen, sources
+
+
+def differing_classes(names, class_names):
+    """What tells the data's class names from the model's, in words."""
+    lacks = [n for n in class_names if n not in names]
+    extra = [n for n in names if n not in class_names]
+    if not lacks and not extra:
+        return "the same classes in another order"
+    return "; ".join(f"{what} {', '.join(found[:8])}{' and more' if len(found) > 8 else ''}" for what, found in
+                     (("the data lacks the model's", lacks), ("the model lacks the data's", extra)) if found)
+
+
 def load_sample(args, model, class_names):
     """(images float32, labels, description): a seeded sample of the CIFAR-10 test split or of the
-    image folder's validation split (the split train.py makes with the same seed)."""
+    image folder's validation split (the split train.py made for the model: see folder_split)."""
+    chosen = {}
     if args.dataset == "cifar10":
         from data.cifar10 import load_cifar10
 
@@ -377,10 +420,19 @@ def load_sample(args, model, class_names):
         size = cam.input_spec(model)[:2]
         if None in size:
             raise ValueError("--dataset folder needs a model with a fixed input size (pictures are resized to it)")
-        d = load_image_folder(args.data_dir, image_size=size, val_fraction=0.2, seed=args.split_seed)
+        chosen, sources = folder_split(args, size)
+        print(f"validation split: --val-split {chosen['val_split']} ({sources['val_split']}), --split-seed "
+              f"{chosen['split_seed']} ({sources['split_seed']})", file=sys.stderr)
+        d = load_image_folder(args.data_dir, image_size=size, val_fraction=chosen["val_split"],
+                              seed=chosen["split_seed"])
+        chosen["split_from"] = sources
         x, y, names, split = d.x_val, d.y_val, d.class_names, "validation"
     if len(names) != len(class_names):
         raise ValueError(f"the data has {len(names)} classes, the model {len(class_names)}")
+    indices = [str(i) for i in range(len(class_names))]  # a model without a class file: only the count is known
+    if class_names != indices and list(names) != list(class_names):
+        raise ValueError(f"the data's classes are not the model's ({differing_classes(list(names), class_names)}); "
+                         "pass the --data-dir the model was trained on")
     height, width, channels = cam.input_spec(model)
     if (height, width) != x.shape[1:3] or channels != 3:
         raise ValueError(f"the data's images are {x.shape[1]}x{x.shape[2]}x3, the model takes "
@@ -392,7 +444,8 @@ def load_sample(args, model, class_names):
     description = {"dataset": args.dataset, "split": split, "data_dir": args.data_dir and str(args.data_dir),
                    "n": int(n),
                    "of": int(len(x)), "seed": args.seed, "sampling": "sorted(numpy.random.default_rng(seed)"
-                   ".choice(len(split), n, replace=False))", "classes_match_model": list(names) == list(class_names)}
+                   ".choice(len(split), n, replace=False))", "classes_match_model": list(names) == list(class_names),
+                   **chosen}
     return x[idx].astype(np.float32), y[idx], description
 
 
@@ -446,8 +499,12 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
     p.add_argument("--data-dir", help="cifar10: pickles or train/ test/ folders (default: Keras download); "
                                       "folder: one subfolder per class")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="folder: train.py's --split-seed (its --seed unless given), to get its validation split")
+    p.add_argument("--val-split", type=float,
+                   help="folder: train.py's --val-split (default: from the options.json train.py wrote beside the "
+                        "model, else train.py's default 0.2)")
+    p.add_argument("--split-seed", type=int,
+                   help="folder: train.py's --split-seed (its --seed unless given; default: from that options.json, "
+                        "else 0), to get its validation split")
     p.add_argument("--n", type=int, default=1000, help="images in the sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample, tie-break, noise floor and bootstrap seed")
     p.add_argument("--layer", help="conv layer to explain (default: the last)")
@@ -468,8 +525,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.sanity_n < 0:
         p.error("--sanity-n must be at least 0 (0: skip the sanity check)")
+    if args.val_split is not None and not 0 < args.val_split < 1:  # NaN too
+        p.error("--val-split must be above 0 and below 1 (0 holds out no picture to evaluate on)")
     for name in ("seed", "split_seed"):
-        if not 0 <= getattr(args, name) < SEEDS:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < SEEDS:
             p.error(f"--{name.replace('_', '-')} must be 0 to {SEEDS - 1}")
     if not 0 < args.blur_sigma <= MAX_BLUR_SIGMA:  # NaN too
         p.error(f"--blur-sigma must be above 0 and at most {MAX_BLUR_SIGMA:g} (pixels)")

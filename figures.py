@@ -126,9 +126,13 @@ def character_figures(faces_dir, out):
     layer_figures(model, display, data.x_val, data.y_val, "characters", out)
     curves(history_csv, "characters", "characters_", out)
     if results and "confusion_matrix" in results:
-        acc = results["validation_accuracy"]
-        confusion_matrix_figure(np.array(results["confusion_matrix"]), display, out / "characters_confusion.png",
-                                title=f"validation accuracy {acc:.1%}")
+        acc = results.get("validation_accuracy")
+        if acc is None:  # a run trained with --val-split 0: no validation picture was counted
+            print("skipping characters_confusion.png: the model's results.json has no validation accuracy "
+                  "(trained with --val-split 0)", file=sys.stderr)
+        else:
+            confusion_matrix_figure(np.array(results["confusion_matrix"]), display, out / "characters_confusion.png",
+                                    title=f"validation accuracy {acc:.1%}")
 
 
 def evaluation_figures(cifar_dir, faces_dir, out, n=1000, which=("cifar10", "characters")):
@@ -158,6 +162,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.eval_n < 1:
         p.error("--eval-n must be at least 1")
+    if args.only == "characters" and not args.characters_dir:
+        p.error("--only characters needs --characters-dir (the face-crop folder the character model was trained on)")
     out = Path(args.out)
     which = [args.only] if args.only else ["cifar10", "characters"]
     try:

@@ -1,5 +1,6 @@
 """The original experiment's VGG-style CNN, and saving/loading it with its class names."""
 import json
+import zipfile
 from pathlib import Path
 
 import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
@@ -89,6 +90,23 @@ def save_model(model, path, class_names, display_names=None):
         tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+def _is_keras_archive(path):
+    """Whether `path` is a .keras archive: a zip file holding config.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _keras_reason(error, limit=200):
+    """The first sentence of Keras's innermost reason ("Could not locate function 'f'."), on one line."""
+    text = str(error).rsplit("Exception encountered:", 1)[-1].strip()
+    text = " ".join(text.split()).split(" Full object config:")[0]
+    sentence = text.split(". ")[0].rstrip(".") + "." if text else type(error).__name__
+    return sentence if len(sentence) <= limit else sentence[:limit - 3] + "..."
+
+
 def load_model(path):
     """Load (model, class_names, display_names) of any single-input Keras image classifier file; a
     clear ValueError for anything else. Class names come from the class file beside the model
@@ -104,7 +122,12 @@ def load_model(path):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
-        raise ValueError(f"not a Keras model file: {path} ({type(e).__name__})") from None
+        if not _is_keras_archive(path):
+            raise ValueError(f"not a Keras model file: {path} ({type(e).__name__})") from None
+        raise ValueError(f"{path} is a Keras model file that could not be rebuilt: {_keras_reason(e)} If it holds "
+                         "custom layers or functions, register each (a named function, not a Python lambda) with "
+                         "@keras.saving.register_keras_serializable() and import it before loading, or preprocess "
+                         "with Rescaling/Normalization layers instead of a Lambda, and save the model again") from None
     try:
         num_classes = cam.num_classes(model)
     except ValueError as e:

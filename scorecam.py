@@ -48,10 +48,27 @@ def select_channels(activations, max_n):
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 AUTO_AGREEMENT = 0.999  # least Pearson r between the float32 and bfloat16 maps for "auto" to take bfloat16
-# "auto" measures only for calls of at least this many masked passes (images x channels); a smaller call
-# would spend longer measuring than explaining, and runs in float32. Streams are measured.
+# "auto" measures only calls much larger than its measurement, and runs the others in float32. The
+# measurement explains AUTO_MEASURED images four times (each precision: a compiling call, then a timed
+# one), i.e. 4 * AUTO_MEASURED = 8 images' work; bfloat16 at best halves the work (half the bytes moved),
+# so it can repay that only past 16 images. AUTO_MIN_IMAGES = 32 keeps the measurement to at most a quarter
+# of the call's own work. AUTO_MIN_PASSES (masked passes, images x channels) leaves out calls short enough
+# that compiling, not the steady speed being measured, is their cost. Streams (length unknown) are measured.
+AUTO_MEASURED = 2
+AUTO_MIN_IMAGES = 16 * AUTO_MEASURED
 AUTO_MIN_PASSES = 8192
 _timer = time.perf_counter  # tests stub it to force each outcome of "auto"
+
+
+def sync_weights(copy, model):
+    """`copy` (a clone of `model`) given the model's weights, then finalize_state() on each of its layers
+    that holds weights, as Keras's own weight loading does: an adapted Normalization computes the mean and
+    variance it uses there from the weights, and a clone would otherwise normalise with mean 0, variance 1."""
+    copy.set_weights(model.get_weights())
+    for ref in cam.all_layers(copy):
+        if ref.layer.weights and hasattr(ref.layer, "finalize_state"):
+            ref.layer.finalize_state()
+    return copy
 
 
 def bfloat16_copy(model):
@@ -71,9 +88,7 @@ def bfloat16_copy(model):
             raise ValueError(f"precision='bfloat16' needs a Functional or Sequential model "
                              f"({type(e).__name__}: {e})") from None
 
-    copy = cam.derived(model, "bfloat16", build)
-    copy.set_weights(model.get_weights())
-    return copy
+    return sync_weights(cam.derived(model, "bfloat16", build), model)
 
 
 def _device():
@@ -94,28 +109,30 @@ def replicated_copy(model, devices):
             except Exception as e:  # subclassed models cannot be rebuilt from their config
                 raise ValueError(f"devices= needs a Functional or Sequential model ({type(e).__name__}: {e})") from None
 
-    copy = cam.derived(model, ("replicated", tuple(devices)), build)
-    copy.set_weights(model.get_weights())
-    return copy, distribution
+    return sync_weights(cam.derived(model, ("replicated", tuple(devices)), build), model), distribution
 
 
-def auto_precision(model, layers, images, batch_size=256):
-    """What precision="auto" means for this model here: both precisions explain a couple of the
-    caller's images (after a warm-up call that compiles), timed; bfloat16 is chosen only where it
-    is faster and its maps agree with float32's (Pearson r >= AUTO_AGREEMENT on every map) with the
-    same top classes. Measured once per model, device, backend and input shape in this process;
-    returns {"choice", "images_per_s": {precision: speed}, "min_pearson_r", "top_class_equal"}."""
-    images = np.asarray(images, dtype=np.float32)[:2]
-    key = ("auto_precision", _device(), keras.backend.backend(), images.shape[1:])
+def auto_precision(model, layers, images, batch_size=256, max_n=None):
+    """What precision="auto" means for this model here: both precisions explain AUTO_MEASURED of the
+    caller's images with the caller's layers and max_n (after a warm-up call that compiles), timed;
+    bfloat16 is chosen only where it is faster and its maps agree with float32's (Pearson r >=
+    AUTO_AGREEMENT on every map) with the same top classes. Measured once per model, device, backend,
+    input shape, layers and max_n in this process; returns {"choice", "images_per_s": {precision:
+    speed}, "min_pearson_r", "top_class_equal"}."""
+    images = np.asarray(images, dtype=np.float32)[:AUTO_MEASURED]
+    max_n = check_max_n(max_n)
+    paths = tuple(cam.find_layer(model, layer).path for layer in layers)
+    key = ("auto_precision", _device(), keras.backend.backend(), images.shape[1:], paths, max_n)
 
     def measure():
         speed, maps, probs = {}, {}, {}
         for precision in ("float32", "bfloat16"):
             try:
-                score_cam_layers(model, images, layers, batch_size=batch_size, precision=precision)  # compiles
+                score_cam_layers(model, images, layers, batch_size=batch_size, max_n=max_n,
+                                 precision=precision)  # compiles
                 start = _timer()
                 maps[precision], probs[precision] = score_cam_layers(model, images, layers, batch_size=batch_size,
-                                                                     precision=precision)
+                                                                     max_n=max_n, precision=precision)
                 speed[precision] = len(images) / max(_timer() - start, 1e-9)
             except ValueError:  # no bfloat16 copy of this model
                 return {"choice": "float32", "images_per_s": speed, "min_pearson_r": None, "top_class_equal": None}
@@ -128,17 +145,20 @@ def auto_precision(model, layers, images, batch_size=256):
     return cam.derived(model, key, measure)
 
 
-def resolve_precision(precision, model=None, layers=None, images=None, batch_size=256, passes=None):
+def resolve_precision(precision, model=None, layers=None, images=None, batch_size=256, passes=None, max_n=None):
     """'float32' or 'bfloat16' for a precision option. "auto" is auto_precision's measured choice for
-    a call of `passes` masked passes (None: a stream, of unknown length), and float32 when there are
-    no images to measure on or fewer passes than AUTO_MIN_PASSES."""
+    a call on `images` of `passes` masked passes (None: a stream, of unknown length, `images` its first
+    batch), and float32 when there are no images to measure on, or a call of fewer than AUTO_MIN_IMAGES
+    images or AUTO_MIN_PASSES passes."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
         return precision
-    if model is None or images is None or len(images) == 0 or (passes is not None and passes < AUTO_MIN_PASSES):
+    if model is None or images is None or len(images) == 0:
         return "float32"
-    return auto_precision(model, layers, images, batch_size)["choice"]
+    if passes is not None and (len(images) < AUTO_MIN_IMAGES or passes < AUTO_MIN_PASSES):
+        return "float32"
+    return auto_precision(model, layers, images, batch_size, max_n)["choice"]
 
 
 # ---------------------------------------------------------------- the compiled core
@@ -430,7 +450,7 @@ def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=25
     if precision == "auto":
         first, batches = _first_batch(batches)
         precision = resolve_precision(precision, model, wanted, None if first is None else
-                                      cam.check_images(model, first), batch_size)
+                                      cam.check_images(model, first), batch_size, max_n=max_n)
     explainer = _Explainer(model, wanted, batch_size, max_n, resolve_precision(precision), devices=devices)
     results = explainer.explain(_parts(batches, class_index))
     return results if layers is not None else (maps[explainer.names[0]] for maps, _ in results)
@@ -450,7 +470,7 @@ def score_cam_layers(model, images, layers=None, class_index=None, batch_size=25
         channels = sum(cam.explainable_cached(model, [cam.find_layer(model, layer)]).outputs[0].shape[-1]
                        for layer in layers)
         passes = len(images) * min(channels, max_n * len(layers) if max_n else channels)
-        precision = resolve_precision(precision, model, layers, images, batch_size, passes)
+        precision = resolve_precision(precision, model, layers, images, batch_size, passes, max_n)
     explainer = _Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices)
     return next(iter(explainer.explain([(images, class_index)])))
 
@@ -502,12 +522,54 @@ def parse_class(value, class_names):
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def output_path(out, source, many, suffix):
-    """--out for one picture names the file (PNG or JPEG); else it is a folder."""
+def output_names(sources, suffix):
+    """Names of the outputs of pictures written into one folder, in order: <stem>_<suffix>.png, the whole
+    file name (a.jpg: a_jpg_<suffix>.png) where stems clash, and a counter (a_jpg_2_<suffix>.png) where
+    names still clash, so no output replaces another (names compared case-blind, as some file systems do)."""
+    stems = collections.Counter(Path(source).stem.casefold() for source in sources)
+    names, taken = [], set()
+    for source in map(Path, sources):
+        base = source.stem if stems[source.stem.casefold()] == 1 else source.name.replace(".", "_")
+        name, count = f"{base}_{suffix}.png", 1
+        while name.casefold() in taken:
+            count += 1
+            name = f"{base}_{count}_{suffix}.png"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def output_paths(out, sources, suffix):
+    """Where each picture's figure goes: --out itself for one picture where it names a PNG or JPEG
+    file, else the folder --out, with output_names."""
     out = Path(out)
-    if not many and out.suffix.lower() in FIGURE_SUFFIXES:
-        return out
-    return out / f"{Path(source).stem}_{suffix}.png"
+    if len(sources) == 1 and out.suffix.lower() in FIGURE_SUFFIXES:
+        return [out]
+    return [out / name for name in output_names(sources, suffix)]
+
+
+def method_max_n(args):
+    """The channels Score-CAM uses for --method and --max-n: --max-n, else 16 for faster-scorecam;
+    None for every channel (and for the gradient methods, which take no max_n)."""
+    function = cam.METHODS[args.method].function
+    if function not in (score_cam, faster_score_cam):
+        return None
+    return check_max_n(args.max_n if args.max_n is not None else (16 if function is faster_score_cam else None))
+
+
+def method_label(args):
+    """The method's label in figures, from the channels actually used: "Faster-Score-CAM (64 ch.)" for
+    --max-n 64, "Score-CAM" for faster-scorecam with --max-n 0."""
+    if cam.METHODS[args.method].function not in (score_cam, faster_score_cam):
+        return cam.METHODS[args.method].label
+    max_n = method_max_n(args)
+    return f"Faster-Score-CAM ({max_n} ch.)" if max_n else "Score-CAM"
+
+
+def output_suffix(args):
+    """The end of an output's name: the method, so that runs of several methods into one --out keep
+    each other's figures (scorecam, fasterscorecam, gradcam, ...; "_layers" added for --all-layers)."""
+    return args.method.replace("_", "") + ("_layers" if args.all_layers else "")
 
 
 def model_input(model, image):
@@ -549,15 +611,15 @@ def explain_maps(model, x, layers, target, args):
     """({layer: maps}, probabilities) of the chosen method for the layers."""
     method = cam.METHODS[args.method]
     if method.function in (score_cam, faster_score_cam):
-        max_n = args.max_n if args.max_n is not None else (16 if method.function is faster_score_cam else None)
-        return score_cam_layers(model, x, layers, target, args.batch_size, max_n, precision=args.precision)
+        return score_cam_layers(model, x, layers, target, args.batch_size, method_max_n(args),
+                                precision=args.precision)
     maps = {cam.path_name(cam.find_layer(model, layer)): method.function(model, x, layer, target)
             for layer in layers}
     return maps, cam.predict_probabilities(model, x)
 
 
-def explain_file(model, names, display, image, source, args):
-    """Compute and draw the figure for one picture; returns the written path."""
+def explain_file(model, names, display, image, source, args, path):
+    """Compute and draw the figure for one picture into `path` (output_paths)."""
     from plots import layer_grid_figure, overlay, single_layer_figure
 
     x = model_input(model, image)
@@ -570,26 +632,23 @@ def explain_file(model, names, display, image, source, args):
     pred = int(probs.argmax())
     parent = Path(source).parent.name
     true = display[names.index(parent)] if parent in names else None
-    label = cam.METHODS[args.method].label
+    label = method_label(args)
     if args.all_layers:
         title = f"{display[pred]} - {true or '?'} : {probs[pred]:.2f} ({label}"
         title += f", map for {display[target]})" if target is not None else ")"
-        path = output_path(args.out, source, args.many, "layers")
         layer_grid_figure(shown, maps, title, path, label=label)
     else:
         (layer, heat), = maps.items()
         title = f"predicted {display[pred]} ({probs[pred]:.2f})" + (f", true {true}" if true else "")
         if target is not None:
             title += f"; map for {display[target]} ({probs[target]:.2f})"
-        path = output_path(args.out, source, args.many, args.method.replace("_", ""))
         single_layer_figure(image, shown, heat[0], overlay(image, heat[0]), f"{title}\n{label}, {layer}", path,
                             label=label)
-    return path
 
 
-def _folder_files(folder, out):
+def _folder_files(folder, out, suffix):
     """Every non-hidden file under `folder` (sorted, recursive), leaving out anything under `out`,
-    each with the overlay path it gets: OUT/<same subfolders>/<stem>_scorecam.png."""
+    each with the overlay path it gets: OUT/<same subfolders>/<stem>_<suffix>.png (output_names)."""
     out = out.resolve()
     files = []
     for path in sorted(folder.rglob("*")):
@@ -599,11 +658,13 @@ def _folder_files(folder, out):
         if path.resolve() == out or out in path.resolve().parents:
             continue  # earlier outputs written inside the folder are not inputs
         files.append(path)
-    stems = collections.Counter((p.parent, p.stem) for p in files)
+    by_folder = collections.defaultdict(list)
+    for path in files:
+        by_folder[path.parent].append(path)
     dest = {}
-    for path in files:  # a.jpg and a.png side by side: keep both, named after the whole file name
-        stem = path.stem if stems[(path.parent, path.stem)] == 1 else path.name.replace(".", "_")
-        dest[path] = out / path.relative_to(folder).parent / f"{stem}_scorecam.png"
+    for parent, paths in by_folder.items():
+        for path, name in zip(paths, output_names(paths, suffix)):
+            dest[path] = out / parent.relative_to(folder) / name
     return files, dest
 
 
@@ -620,13 +681,13 @@ def explain_folder(model, names, args):
     folder = Path(args.folder)
     if not folder.is_dir():
         raise ValueError(f"folder not found: {folder}")
-    files, dest = _folder_files(folder, Path(args.out))
+    files, dest = _folder_files(folder, Path(args.out), output_suffix(args))
     target = parse_class(args.class_name, names)
     height, width, _ = cam.input_spec(model)
     if height is None or width is None:
         raise ValueError("--folder needs a model with a fixed input size (pictures are explained in batches)")
     skipped, in_flight = [], collections.deque()
-    bar = tqdm(total=len(files), desc=cam.METHODS[args.method].label, unit="img", mininterval=1)
+    bar = tqdm(total=len(files), desc=method_label(args), unit="img", mininterval=1)
 
     def batches():
         paths, pictures = [], []
@@ -643,10 +704,10 @@ def explain_folder(model, names, args):
                 paths, pictures = [], []
 
     method = cam.METHODS[args.method].function
-    if method in (score_cam, faster_score_cam):
-        max_n = args.max_n if args.max_n is not None else (16 if method is faster_score_cam else None)
-        results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, max_n, args.precision,
-                                   devices=args.devices)
+    if method in (score_cam, faster_score_cam):  # "auto" measures a stream, unless the folder is a small call
+        precision = "float32" if args.precision == "auto" and len(files) < AUTO_MIN_IMAGES else args.precision
+        results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, method_max_n(args),
+                                   precision, devices=args.devices)
     else:
         results = (method(model, x, args.layer, target) for x in batches())
     written = 0
@@ -705,7 +766,6 @@ def main(argv=None):
         p.error("--batch-size and --read-batch must be at least 1")
     if args.max_n is not None and args.max_n < 0:
         p.error("--max-n must be at least 0 (0: every channel)")
-    args.many = len(args.images) > 1
     from data.images import ImageError, read_image
     from model import load_model
 
@@ -734,10 +794,11 @@ def main(argv=None):
         sys.exit(1 if skipped else 0)
     failed = 0
     sources = args.images or [None]
-    for source in sources:
+    paths = output_paths(args.out, [source or "chelsea.png" for source in sources], output_suffix(args))
+    for source, path in zip(sources, paths):
         try:
             image, label = (demo_image() if source is None else (read_image(source), source))
-            path = explain_file(model, names, display, image, source or "chelsea.png", args)
+            explain_file(model, names, display, image, source or "chelsea.png", args, path)
             print(f"{label}: wrote {path}")
         except (ImageError, ValueError, OSError) as e:
             failed += 1

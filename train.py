@@ -5,8 +5,9 @@
     python train.py --dataset folder --data-dir FACES_DIR --image-size 64 --out runs/characters
 
 RUN_DIR gets model.keras (+ model.classes.json), history.csv, acc.png, loss.png and
-results.json. Rerunning with the same --out and options resumes an interrupted run where it
-stopped (RUN_DIR/options.json holds them; other options are an error, --overwrite starts afresh).
+results.json. Rerunning with the same --out, options and data resumes an interrupted run where it
+stopped (RUN_DIR/options.json holds them, and the classes with their numbers of pictures; others are an
+error, --overwrite starts afresh). --out may not be inside --data-dir.
 """
 import argparse
 import contextlib
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from atomic import atomic_path, write_text  # noqa: E402
 from data.augment import AUGMENTATIONS, EXTRAS, MIXES, augmentation  # noqa: E402
-from model import build_model, load_model, save_model  # noqa: E402
+from model import build_model, classes_path, load_model, save_model  # noqa: E402
 
 MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the picture
 
@@ -383,7 +384,8 @@ def parse_args(argv=None):
                    "interrupted run")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     p.add_argument("--devices", help="train data-parallel on N devices, 'all', or names gpu:0,gpu:1 (Keras's "
-                   "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple of N)")
+                   "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple "
+                   "of N)")
     args = p.parse_args(argv)
     if args.val_split is None:
         args.val_split = 0.2 if args.dataset == "folder" else 0.0
@@ -398,11 +400,19 @@ def parse_args(argv=None):
 
 def run_options(args):
     """What a run is: its data, split, seed and recipe (not where it is written or how it reports), as
-    written to RUN_DIR/options.json; a resumed run must have the same."""
+    written to RUN_DIR/options.json with data_identity's keys; a resumed run must have the same."""
     options = {"dataset": args.dataset, "image_size": args.image_size if args.dataset == "folder" else None,
                "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
                **{k: getattr(args, k) for k in RECIPES["original"]}}
     return json.loads(json.dumps(options))  # as it reads back
+
+
+def data_identity(names, y_train, y_val):
+    """The loaded data as options.json records it: the class names and the pictures of each class (training
+    and validation), which any other --data-dir, or pictures added or removed, changes; unlike a hash of the
+    pixels, moving the folder or another Pillow does not."""
+    counts = np.bincount(np.concatenate([y_train, y_val]).astype(np.int64), minlength=len(names))
+    return {"classes": [str(n) for n in names], "pictures": [int(c) for c in counts]}
 
 
 def check_resumable(run, args):
@@ -419,6 +429,42 @@ def check_resumable(run, args):
                          "with its options to resume it, pass --overwrite to start afresh, or choose another --out")
 
 
+def _listed(names, most=8):
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_same_data(run, args, identity):
+    """A ValueError when the interrupted run in `run` was made on other data than `identity` (data_identity's)
+    describes: other classes, or other pictures in a class. options.json without them (an older version's): none."""
+    path = run / "options.json"
+    if not (run / "backup").exists() or args.overwrite or not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    if "classes" not in before or "pictures" not in before:
+        return
+    if before["classes"] != identity["classes"]:
+        what = f"on classes {_listed(before['classes'])} (now {_listed(identity['classes'])})"
+    elif before["pictures"] != identity["pictures"]:
+        changed = [f"{c} had {n}, now {m}" for c, n, m in zip(before["classes"], before["pictures"],
+                                                               identity["pictures"]) if n != m]
+        what = f"on {sum(before['pictures'])} pictures (now {sum(identity['pictures'])}: {_listed(changed)})"
+    else:
+        return
+    raise ValueError(f"{run} holds an interrupted run {what}; rerun with that data to resume it, pass --overwrite "
+                     "to start afresh, or choose another --out")
+
+
+def check_out_outside_data(args):
+    """A ValueError for an --out inside --data-dir (or the folder itself): its folders (backup/, or the run itself
+    under a CIFAR-10 train/) would be read as a class of pictures on the next run."""
+    if not args.data_dir:
+        return
+    out, data = Path(args.out).resolve(), Path(args.data_dir).resolve()
+    if out == data or data in out.parents:
+        raise ValueError(f"--out {args.out} is inside --data-dir {args.data_dir}, where its folders would be read "
+                         "as pictures; choose an --out outside it")
+
+
 def train(args, extra_callbacks=()):
     run = Path(args.out)
     backup = run / "backup"
@@ -426,6 +472,7 @@ def train(args, extra_callbacks=()):
         raise ValueError(f"--out {run} is a file, not a folder; choose another --out")
     if (run / "results.json").is_file() and not backup.exists() and not args.overwrite:
         raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
+    check_out_outside_data(args)
     check_resumable(run, args)
     devices = runtime.resolve_devices(args.devices)
     if args.batch_size % len(devices):
@@ -433,13 +480,16 @@ def train(args, extra_callbacks=()):
                          f"pass a multiple of {len(devices)}")
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_val, y_val, names, display, val_name = load_data(args)  # may fail: change nothing before
+    identity = data_identity(names, y_train, y_val)
+    check_same_data(run, args, identity)
     if args.overwrite:
         shutil.rmtree(backup, ignore_errors=True)
-    if not backup.exists():  # a fresh start: nothing from an older run
-        for stale in ("results.json", "history.csv", "confusion.png"):
+    if not backup.exists():  # a fresh start: nothing from an older run (a run dying in its first epoch leaves none)
+        for stale in ("results.json", "history.csv", "confusion.png", "acc.png", "loss.png", "model.keras",
+                      classes_path("model.keras")):
             (run / stale).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    write_text(run / "options.json", json.dumps(run_options(args), indent=1))
+    write_text(run / "options.json", json.dumps({**run_options(args), **identity}, indent=1))
     print(f"{len(x_train)} training and {len(x_val)} {val_name} images, {len(names)} classes; recipe: "
           + ", ".join(f"{k}={getattr(args, k)}" for k in RECIPES["original"]))
     if not len(x_val):
@@ -518,8 +568,9 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
         confusion_matrix_figure(matrix, display, run / "confusion.png", title=f"{val_name} accuracy {accuracy:.1%}")
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)),
                f"{val_name}_accuracy_mirror_averaged": mirrored, "epochs": int(args.epochs),
-               "wall_seconds_this_session": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}"
-               f", {os.cpu_count()} cores", "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
+               "wall_seconds_this_session": round(seconds, 1),
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
                "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
                "backend": keras.backend.backend(),
                "devices": runtime.resolve_devices(args.devices),
@@ -541,6 +592,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
+        if not (Path(args.out) / "backup" / "training_metadata.json").is_file():  # no epoch saved yet
+            sys.exit("interrupted before the first epoch was saved: nothing to resume")
         sys.exit(f"interrupted: rerun with --out {args.out} to resume")
 
 

@@ -8,7 +8,9 @@ by lbpcascade_animeface.xml through cv2.CascadeClassifier (the defaults are the 
 experiment's). Each face, widened by --margin of its size on every side, becomes
 FACES_DIR/<class>/<stem>_<i>.png at --size x --size pixels; a picture may give several.
 --keep-whole keeps a picture with no face as its centre square, <stem>_whole.png, instead of
-dropping it. Unreadable files are skipped and counted. FACES_DIR/.faces.json lists the pictures
+dropping it. Unreadable files are skipped and counted. A class that gives no crop at all keeps an
+empty FACES_DIR/<class> (which train.py refuses, naming it) and, after the table, makes the command
+end with one error line naming it and exit 1. FACES_DIR/.faces.json lists the pictures
 done, so a rerun skips them and resumes without duplicates. Without --cascade the cascade is
 downloaded once into the Keras cache (~/.keras/models/) and checked against its SHA-256.
 """
@@ -214,6 +216,8 @@ def extract_faces(raw_dir, faces_dir, cascade, options=FaceOptions()):
     Path(faces_dir).mkdir(parents=True, exist_ok=True)
     done = read_manifest(faces_dir, options)
     files = {c.name: list_images(c) for c in classes}
+    for c in files:  # every class, even one with no crop: train.py then names it instead of training without it
+        (Path(faces_dir) / c).mkdir(exist_ok=True)
     stems = {c: output_stems(paths) for c, paths in files.items()}
     todo = [(c, p, stems[c][p.name]) for c, paths in files.items() for p in paths if p.name not in done.get(c, {})]
     try:
@@ -245,9 +249,13 @@ def format_table(stats):
     total = {k: sum(s[k] for s in stats.values()) for k in keys}
     lines = ["  ".join(f"{k:>{len(k)}}" for k in keys) + "  class"]
     for name, s in [*stats.items(), ("(total)", total)]:
-        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a folder name that is not UTF-8
-        lines.append("  ".join(f"{s[k]:>{len(k)}}" for k in keys) + f"  {shown}")
+        lines.append("  ".join(f"{s[k]:>{len(k)}}" for k in keys) + f"  {shown_name(name)}")
     return "\n".join(lines)
+
+
+def shown_name(name):
+    """A folder name as printed: one that is not UTF-8 with U+FFFD for its bad bytes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _number(kind, low, above=False, high=None):
@@ -301,6 +309,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
     print(format_table(stats))
+    empty = [shown_name(c) for c, s in stats.items() if s["faces"] + s["whole"] == 0]
+    if empty:
+        sys.exit(f"error: no face found in {len(empty)} class(es): {', '.join(empty)} (their folders in "
+                 f"{args.faces_dir} are empty, and train.py refuses them); add pictures with faces to RAW_DIR/<class> "
+                 "and rerun, remove the class from RAW_DIR and FACES_DIR, or start a new FACES_DIR with --keep-whole")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """An image folder with one subfolder per class, as arrays with a stratified, seeded split."""
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,18 @@ class FolderData:
 
 
 def class_folders(root):
-    """The class subfolders of `root`, sorted; a clear error when there are fewer than two."""
+    """The class subfolders of `root`, sorted; a clear error when there are fewer than two, or when a
+    folder's name is not UTF-8 (it could not be saved as a class name after training)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        try:
+            folder.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{root}: class folder name {os.fsencode(folder.name)!r} is not valid UTF-8; "
+                             "rename the folder") from None
     if len(folders) < 2:
         raise ValueError(f"{root}: need at least two class subfolders, found {len(folders)}")
     return folders

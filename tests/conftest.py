@@ -26,7 +26,7 @@ JAX_SUBSET = {
     "test_scorecam.py": ("known_answer", "constant_channels", "matches_reference", "low_resolution", "default_layer",
                          "all_layers_from_one_call", "bad_arguments", "normalise"),
     "test_fast_paths.py": ("naive_reference", "uneven_batches", "chunk_and_batch", "only_max_n", "bfloat16_copy_agrees",
-                           "auto_precision"),
+                           "auto_precision", "adapted_normalization"),
     "test_gradcam.py": None,
     "test_signed_answers.py": None,
     "test_any_model.py": ("sigmoid", "any_input_size", "gradient_methods", "layer_cam_by_hand", "layer_lookup",

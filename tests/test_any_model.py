@@ -209,6 +209,19 @@ def test_one_unit_sigmoid_explains_class_1_with_p_and_class_0_with_1_minus_p():
         assert_close_maps(fast, plain_score_cam(acts, two_classes, x, target_fn=target))
 
 
+@pytest.mark.parametrize("units", [2, 3])
+def test_sigmoid_head_of_several_units_scores_its_own_probabilities(units):
+    """Dense(units, activation="sigmoid"), two units included: the probabilities explained are the
+    model's own (no softmax over them), and Score-CAM weighs each mask by that sigmoid."""
+    model = small_cnn((16, 16, 3), units, "sigmoid")
+    x = images_for((16, 16, 3), n=2, seed=3)
+    probs = predict(model)
+    assert not np.allclose(probs(x), softmax(probs(x)), atol=1e-3)  # the two rules differ on this model
+    np.testing.assert_allclose(cam.predict_probabilities(model, x), probs(x), atol=1e-6)
+    fast = score_cam(model, x, class_index=1, precision="float32")
+    assert_close_maps(fast, plain_score_cam(predict(submodel(model, "m_conv2")), probs, x, target_fn=1), 0.999)
+
+
 def test_any_input_size_model_gives_maps_at_the_images_size():
     model = small_cnn((None, None, 3), 3, "softmax")
     acts, probs = predict(submodel(model, "m_conv2")), predict(model)

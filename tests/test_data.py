@@ -1,11 +1,13 @@
 """Reading images of every common format, image folders, CIFAR-10 in both layouts."""
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from conftest import run_cli, write_image
 from data.cifar10 import load_cifar10, safe_unpickle
 from data.folder import load_image_folder, stratified_split
 from data.images import ImageError, read_image, resize
@@ -45,6 +47,39 @@ def test_grayscale_rgba_palette_and_16_bit_become_rgb8(tmp_path):
 
     Image.fromarray(RGB).convert("CMYK").save(tmp_path / "c.jpg")
     assert read_image(tmp_path / "c.jpg").shape == (12, 10, 3)
+
+
+def test_float_images_in_0_1_are_scaled_with_1_as_white(tmp_path):
+    Image.fromarray(np.tile(np.linspace(0, 1, 256, dtype=np.float32), (4, 1)), "F").save(tmp_path / "f01.tif")
+    a = read_image(tmp_path / "f01.tif")
+    np.testing.assert_array_equal(a[0, :, 0], np.arange(256))  # 0 -> 0, 1.0 -> 255, exactly a step apart
+    assert a.shape == (4, 256, 3) and (a == a[..., :1]).all()
+    Image.fromarray(np.full((2, 3), 128.0, np.float32), "F").save(tmp_path / "f255.tif")  # 0..255 as before
+    np.testing.assert_array_equal(read_image(tmp_path / "f255.tif"), np.full((2, 3, 3), 128))
+
+
+def test_a_108_megapixel_jpeg_is_read_at_half_size(tmp_path):
+    path = tmp_path / "phone.jpg"
+    big = Image.new("L", (12000, 9000), 0)
+    big.paste(255, (6000, 0, 12000, 9000))  # left half black, right half white
+    big.save(path, quality=90)
+    del big
+    assert 12000 * 9000 > Image.MAX_IMAGE_PIXELS  # Pillow's limit would refuse it as a decompression bomb
+    a = read_image(path)
+    assert a.shape == (4500, 6000, 3) and a.dtype == np.uint8
+    assert a[:, :2990].max() <= 5 and a[:, 3010:].min() >= 250
+
+
+def test_jpeg_over_the_pixel_limit_is_read_at_the_least_reduction_within_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(np.full((150, 200, 3), 90, np.uint8)).save(tmp_path / "small.jpg")  # 30000 px: 1/8 fits
+    a = read_image(tmp_path / "small.jpg")
+    assert a.shape == (19, 25, 3) and np.abs(a.astype(int) - 90).max() <= 2
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(tmp_path / "large.jpg")  # 1/8 is 1900 px
+    Image.fromarray(np.full((150, 200, 3), 90, np.uint8)).save(tmp_path / "large.png")  # no draft for PNG
+    for name in ("large.jpg", "large.png"):
+        with pytest.raises(ImageError, match="too large .*decompression-bomb"):
+            read_image(tmp_path / name)
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"hello", "not an image"),
@@ -99,6 +134,19 @@ def test_empty_class_folder_and_single_class_are_errors(color_folder):
         load_image_folder(color_folder, (16, 16))
     with pytest.raises(ValueError, match="at least two class subfolders"):
         load_image_folder(color_folder / "red", (16, 16))
+
+
+def test_class_folder_name_not_utf8_is_refused_before_any_picture_is_read(color_folder, tmp_path):
+    bad = os.path.join(os.fsencode(color_folder), b"caf\xe9")  # Latin-1 "café", as an old archive may unpack it
+    os.mkdir(bad)
+    write_image(Path(os.fsdecode(bad)) / "0.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"class folder name b'caf\\xe9' is not valid UTF-8; rename the folder"):
+        load_image_folder(color_folder, (16, 16))
+    r = run_cli("train.py", "--dataset", "folder", "--data-dir", color_folder, "--out", tmp_path / "run",
+                "--epochs", "1", "--image-size", "16")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and "b'caf\\xe9' is not valid UTF-8" in lines[-1]
+    assert not any("Traceback" in line or "reading" in line for line in lines), r.stderr
 
 
 def _write_batch(path, n, seed):

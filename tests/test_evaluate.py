@@ -425,6 +425,90 @@ def test_folder_dataset_uses_the_validation_split(split_folder, capsys):
     assert sample["accuracy"] == 1.0
 
 
+def run_dir(split_folder, name, **options):
+    """A RUN_DIR as train.py leaves it: model.keras (the brightness model), its class file and options.json
+    (`options` change it; None leaves a key out)."""
+    import shutil
+
+    run = split_folder / name
+    run.mkdir()
+    shutil.copy(split_folder / "bright.keras", run / "model.keras")
+    shutil.copy(split_folder / "bright.classes.json", run / "model.classes.json")
+    options = {"dataset": "folder", "image_size": 32, "val_split": 0.2, "seed": SPLIT_SEED, "split_seed": SPLIT_SEED,
+               **options}
+    (run / "options.json").write_text(json.dumps({k: v for k, v in options.items() if v is not None}))
+    return run / "model.keras"
+
+
+def folder_sample(model_path, data, *extra):
+    from model import load_model
+
+    model, names, _ = load_model(model_path)
+    args = ev.parse_args(["--model", str(model_path), "--dataset", "folder", "--data-dir", str(data), *extra])
+    images, labels, sample = ev.load_sample(args, model, names)
+    return sample, float((ev.predict(model, images).argmax(1) == labels).mean())
+
+
+def test_folder_split_comes_from_the_options_json_beside_the_model(split_folder, capsys):
+    """train.py splits with --val-split and --split-seed (default --seed) and writes them to RUN_DIR/options.json:
+    a model in a RUN_DIR is evaluated on its own held-out pictures (all right here), not mostly on training ones
+    (all wrong), unless the command line says otherwise; a model without one, as the shipped models, on train.py's
+    defaults (0.2, seed 0). Which split is used is printed and recorded."""
+    data = split_folder / "data"
+    sample, accuracy = folder_sample(run_dir(split_folder, "run"), data)
+    assert accuracy == 1.0 and sample["of"] == 4 and (sample["val_split"], sample["split_seed"]) == (0.2, SPLIT_SEED)
+    options = str(split_folder / "run" / "options.json")
+    assert sample["split_from"] == {"val_split": options, "split_seed": options}
+    assert capsys.readouterr().err.strip().splitlines()[0] == (
+        f"validation split: --val-split 0.2 ({options}), --split-seed {SPLIT_SEED} ({options})")
+    sample, accuracy = folder_sample(split_folder / "bright.keras", data)  # no options.json beside it
+    assert (sample["val_split"], sample["split_seed"]) == (0.2, 0) and accuracy < 1
+    assert sample["split_from"] == {"val_split": "train.py's default", "split_seed": "train.py's default"}
+
+    older = run_dir(split_folder, "older", val_split=0.25, split_seed=None)  # before --split-seed: split by --seed
+    sample, _ = folder_sample(older, data)
+    assert (sample["val_split"], sample["split_seed"], sample["of"]) == (0.25, SPLIT_SEED, 6)
+    sample, accuracy = folder_sample(older, data, "--val-split", "0.2", "--split-seed", "0")
+    assert (sample["val_split"], sample["split_seed"], sample["of"]) == (0.2, 0, 4) and accuracy < 1
+    assert sample["split_from"] == {"val_split": "--val-split", "split_seed": "--split-seed"}
+
+
+def test_a_folder_split_without_held_out_pictures_or_of_another_run_is_refused(split_folder, capsys):
+    every = run_dir(split_folder, "every", val_split=0.0)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(every), "--dataset", "folder", "--data-dir", str(split_folder / "data")])
+    assert e.value.code == (f"error: {every.parent / 'options.json'} says the model was trained on every picture "
+                            "(--val-split 0): none is held out to evaluate it on; pass --val-split to evaluate it on "
+                            "pictures it was trained on anyway")
+    other = run_dir(split_folder, "other", image_size=64)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(other), "--dataset", "folder", "--data-dir", str(split_folder / "data")])
+    assert e.value.code == (f"error: {other.parent / 'options.json'} is a run at --image-size 64, the model takes "
+                            "32x32: not this model's run; move the model or that file")
+    for value in ("0", "1", "nan"):
+        with pytest.raises(SystemExit) as e:
+            ev.parse_args(["--dataset", "folder", "--val-split", value])
+        assert e.value.code == 2 and "error: --val-split must be above 0 and below 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["folder", "cifar10"])
+def test_data_with_other_class_names_than_the_model_is_refused(saved, dataset):
+    """As many classes, other names: the model's outputs would be scored against other classes' pictures. A model
+    without a class file (its classes are indices) can only be checked for the count."""
+    from model import save_model
+
+    model = tiny_conv_model(1, 32)
+    save_model(model, saved / f"cow_{dataset}.keras", ["cat", "cow"])
+    data = saved / "train" if dataset == "folder" else saved
+    argv = ["--dataset", dataset, "--data-dir", str(data), "--methods", "center", "--sanity-n", "0", "--steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(saved / f"cow_{dataset}.keras"), *argv])
+    assert e.value.code == ("error: the data's classes are not the model's (the data lacks the model's cow; the model "
+                            "lacks the data's dog); pass the --data-dir the model was trained on")
+    model.save(saved / f"indices_{dataset}.keras")
+    assert ev.run(ev.parse_args(["--model", str(saved / f"indices_{dataset}.keras"), *argv]))["methods"]
+
+
 def test_a_layer_path_runs_in_the_model_and_in_its_randomised_copy(split_folder, capsys):
     """`--layer /conv`: the top model's own "conv" beside a backbone's "conv", explained in the trained model
     and in the sanity check's re-initialised copy (a clone: the path, not a layer object, finds it there)."""

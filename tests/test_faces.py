@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import run_cli  # noqa: E402
 from data import faces  # noqa: E402
 from data.images import read_image  # noqa: E402
 
@@ -101,14 +102,15 @@ def test_load_cascade_refuses_what_is_not_a_cascade(tmp_path):
 def test_cli_crops_faces_skips_broken_files_and_resumes(raw_dir, tmp_path, capsys):
     out = tmp_path / "faces"
     argv = [str(raw_dir), str(out), "--cascade", str(shared(CASCADE))]
-    faces.main(argv)
+    with pytest.raises(SystemExit, match="^error: no face found in 1 class.*: other "):  # "other" has no face
+        faces.main(argv)
     report = capsys.readouterr().out.splitlines()
     idol = out / "高坂穂乃果"
     names = crops(idol)
     assert len(names) >= MIN_FACES and all(n.startswith("group_") for n in names)
     assert names == sorted(f"group_{i}.png" for i in range(len(names)))
     assert all(Image.open(idol / n).size == (64, 64) and Image.open(idol / n).format == "PNG" for n in names)
-    assert not (out / "other").exists() or crops(out / "other") == []
+    assert crops(out / "other") == []  # there, so that train.py refuses it rather than train without it
     assert (out / "names.tsv").read_text(encoding="utf-8").endswith("高坂穂乃果\tHonoka\n")
     assert report[0].split() == ["pictures", "with", "faces", "faces", "whole", "skipped", "class"]
     rows = {row.split()[-1]: row.split()[:-1] for row in report[1:]}
@@ -116,7 +118,8 @@ def test_cli_crops_faces_skips_broken_files_and_resumes(raw_dir, tmp_path, capsy
                     "(total)": ["4", "1", str(len(names)), "0", "1"]}
 
     times = {n: (idol / n).stat().st_mtime_ns for n in names}
-    faces.main(argv)  # everything is done: nothing is written again
+    with pytest.raises(SystemExit, match="no face found"):  # everything is done: nothing is written again
+        faces.main(argv)
     assert capsys.readouterr().out.splitlines() == report
     assert {n: (idol / n).stat().st_mtime_ns for n in crops(idol)} == times
 
@@ -133,6 +136,21 @@ def test_cli_keep_whole_keeps_faceless_pictures_as_centre_squares(raw_dir, tmp_p
     assert Image.open(out / "other" / "plain_whole.png").size == (32, 32)
     rows = capsys.readouterr().out.splitlines()
     assert rows[-1].split()[3:] == ["2", "1", "(total)"]
+
+
+def test_cli_a_class_without_a_face_is_an_error_and_train_refuses_it(raw_dir, tmp_path):
+    out = tmp_path / "faces"
+    r = run_cli("-m", "data.faces", raw_dir, out, "--cascade", shared(CASCADE))
+    assert r.returncode == 1 and r.stdout.splitlines()[-1].split()[-1] == "(total)", r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no face found in 1 class(es): other ("), r.stderr
+    assert "--keep-whole" in errors[0] and "Traceback" not in r.stderr
+    assert crops(out / "other") == [] and len(crops(out / "高坂穂乃果")) >= MIN_FACES
+    r = run_cli("train.py", "--dataset", "folder", "--data-dir", out, "--out", tmp_path / "run", "--epochs", "1",
+                "--image-size", "16")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith("no readable image: other"), r.stderr
+    r = run_cli("-m", "data.faces", raw_dir, tmp_path / "whole", "--cascade", shared(CASCADE), "--keep-whole")
+    assert r.returncode == 0 and crops(tmp_path / "whole" / "other") == ["plain_whole.png"], r.stderr
 
 
 def test_cli_errors(raw_dir, tmp_path, capsys):

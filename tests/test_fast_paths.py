@@ -130,6 +130,28 @@ def test_bfloat16_copy_follows_weight_changes(small):
         model.set_weights(saved)
 
 
+def test_copies_of_a_model_with_an_adapted_normalization_predict_as_it_does():
+    """An adapted Normalization (inside a nested backbone) computes its mean and variance from its weights
+    in finalize_state(), which set_weights does not call: the bfloat16 and the replicated copies must
+    normalise with the adapted ones, not mean 0 / variance 1, and explain as the model does."""
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(6)
+    norm = keras.layers.Normalization()
+    norm.adapt(rng.uniform(0, 255, (64, 16, 16, 3)).astype(np.float32))
+    backbone = keras.Sequential([keras.Input((16, 16, 3)), norm,
+                                 keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")])
+    model = keras.Sequential([keras.Input((16, 16, 3)), backbone, keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+    images = rng.uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    expected = model.predict_on_batch(images)
+    replicated, _ = scorecam.replicated_copy(model, keras.distribution.list_devices()[:1])
+    np.testing.assert_allclose(replicated.predict_on_batch(images), expected, atol=1e-5)
+    bf16 = np.asarray(scorecam.bfloat16_copy(model).predict_on_batch(images), np.float32)
+    np.testing.assert_allclose(bf16, expected, atol=0.05 * np.abs(expected).max())  # bfloat16: 8 bits of mantissa
+    fp32 = score_cam(model, images, precision="float32")
+    assert pearson(score_cam(model, images, precision="bfloat16"), fp32).min() >= 0.99
+
+
 def test_bfloat16_on_the_known_answer_model():
     from test_scorecam import colour_model, red_square
 
@@ -193,6 +215,7 @@ def test_auto_precision_measures_and_keeps_the_faster_agreeing_one(monkeypatch, 
     monkeypatch.setattr(scorecam, "_timer", lambda: next(ticks))
     monkeypatch.setattr(scorecam, "AUTO_AGREEMENT", agreement)
     monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)
+    monkeypatch.setattr(scorecam, "AUTO_MIN_IMAGES", 1)
     auto = scorecam.auto_precision(model, [None], images)
     assert auto["choice"] == expected
     assert auto["images_per_s"]["float32"] == pytest.approx(2.0)
@@ -209,3 +232,54 @@ def test_auto_precision_runs_small_calls_in_float32_without_measuring(monkeypatc
     monkeypatch.setattr(scorecam, "_timer", lambda: pytest.fail("a small call was measured"))
     assert scorecam.resolve_precision("auto", model, [None], images, passes=10) == "float32"
     np.testing.assert_array_equal(score_cam(model, images[:2]), score_cam(model, images[:2], precision="float32"))
+
+
+def test_auto_precision_measures_only_large_calls_with_their_layers_and_max_n(monkeypatch, tmp_path, capsys):
+    """A call of fewer than AUTO_MIN_IMAGES images runs in float32 unmeasured, however many its passes; a
+    larger one is measured with its own layers and max_n (every explainer the measurement makes has
+    them), once per (layers, max_n). The same for --folder, by its number of pictures."""
+    keras.utils.set_random_seed(14)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(keras.layers.Rescaling(1 / 255)(inp))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)
+    monkeypatch.setattr(scorecam, "AUTO_MIN_IMAGES", 4)
+    ticks = []
+
+    def timer():  # a stubbed clock: both precisions take one tick, so the choice is float32
+        ticks.append(len(ticks))
+        return float(ticks[-1])
+
+    monkeypatch.setattr(scorecam, "_timer", timer)
+    made = []
+
+    class Recording(scorecam._Explainer):
+        def __init__(self, model, layers, batch_size, max_n, precision, *args, **kwargs):
+            made.append((tuple(layers), max_n, precision))
+            super().__init__(model, layers, batch_size, max_n, precision, *args, **kwargs)
+
+    monkeypatch.setattr(scorecam, "_Explainer", Recording)
+    score_cam(model, images[:1], layer="c1", max_n=2, precision="auto")
+    score_cam(model, images[:3], layer="c1", precision="auto")
+    assert not ticks and made == [(("c1",), 2, "float32"), (("c1",), None, "float32")]
+    for layer, max_n, measured in (("c1", 2, True), ("c2", 2, True), ("c2", 3, True), ("c1", 2, False),
+                                   ("c2", 3, False)):
+        made.clear()
+        before = len(ticks)
+        score_cam(model, images, layer=layer, max_n=max_n, precision="auto")
+        assert {(layers, n) for layers, n, _ in made} == {((layer,), max_n)}  # the measurement's explainers too
+        assert [p for _, _, p in made] == ["float32"] * (2 * measured) + ["bfloat16"] * (2 * measured) + ["float32"]
+        assert len(ticks) - before == 4 * measured  # each precision's timed call: a start and an end
+    model.save(tmp_path / "m.keras")
+    rng = np.random.default_rng(1)
+    for count, measured in ((3, False), (4, True)):
+        for i in range(count):
+            write_image(tmp_path / f"pictures{count}" / f"{i}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        before = len(ticks)
+        with pytest.raises(SystemExit) as done:
+            scorecam.main(["--folder", str(tmp_path / f"pictures{count}"), "--out", str(tmp_path / "out"), "--model",
+                           str(tmp_path / "m.keras"), "--max-n", "1"])
+        assert done.value.code == 0, capsys.readouterr().err
+        assert len(ticks) - before == 4 * measured

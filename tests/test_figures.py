@@ -42,3 +42,43 @@ def test_layer_panels_are_titled_by_name_and_by_path_where_names_repeat():
     assert panel_names(["block1_conv2", "backbone/Conv_1"]) == ["b1 conv2", "Conv_1"]
     assert panel_names(["backbone/inner/conv", "backbone/conv", "conv", "backbone/out"]) == [
         "backbone/inner/conv", "backbone/conv", "conv", "out"]
+
+
+def test_only_characters_without_characters_dir_is_a_usage_error(tmp_path):
+    r = run_cli("figures.py", "--only", "characters", "--skip-eval", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "figures written" not in r.stdout
+    assert r.stderr.strip().splitlines()[-1].endswith("error: --only characters needs --characters-dir (the face-crop "
+                                                      "folder the character model was trained on)"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_character_figures_of_a_run_without_validation_skip_only_the_confusion_matrix(tmp_path, monkeypatch,
+                                                                                      capsys):
+    import json
+
+    import keras
+
+    import figures
+    from model import save_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    save_model(keras.Model(inputs, outputs), tmp_path / "models" / "characters.keras", ["a", "b"])
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(5):
+            write_image(tmp_path / "faces" / name / f"{i}.png", rng.integers(0, 256, (16, 16, 3), np.uint8))
+    monkeypatch.setattr(figures, "MODELS", tmp_path / "models")
+    argv = ["--only", "characters", "--characters-dir", str(tmp_path / "faces"), "--skip-eval"]
+    for accuracy, confusion in ((None, False), (0.5, True)):  # --val-split 0 writes validation_accuracy null
+        results = {"validation_accuracy": accuracy, "confusion_matrix": [[1, 0], [1, 0]], "classes": ["a", "b"]}
+        (tmp_path / "models" / "characters.results.json").write_text(json.dumps(results))
+        out = tmp_path / f"out{accuracy}"
+        figures.main(argv + ["--out", str(out)])
+        printed = capsys.readouterr()
+        assert f"figures written to {out}" in printed.out
+        assert {"characters_layers_1.png", "characters_layers_2.png"} <= {p.name for p in out.iterdir()}
+        assert (out / "characters_confusion.png").is_file() == confusion
+        assert ("skipping characters_confusion.png" in printed.err) != confusion, printed.err

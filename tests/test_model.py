@@ -97,6 +97,26 @@ def test_not_a_model_is_a_clear_error(tmp_path):
         load_model(tmp_path / "saved_model")
 
 
+def unregistered_scale(x):  # a function Keras can save by name but not find again on loading
+    return x / 255.0
+
+
+def test_a_model_keras_cannot_rebuild_says_why_and_what_to_do(tmp_path):
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Lambda(unregistered_scale)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(x))
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError) as error:
+        load_model(tmp_path / "lambda.keras")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'lambda.keras'} is a Keras model file that could not be rebuilt: "
+                              "Could not locate function 'unregistered_scale'. ")
+    assert "register_keras_serializable" in message and "Rescaling/Normalization" in message
+    assert "\n" not in message and "not a Keras model file" not in message and len(message) < 600
+
+
 def test_a_legacy_h5_model_file_loads_with_index_class_names(tmp_path):
     import keras
 

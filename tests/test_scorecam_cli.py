@@ -166,3 +166,93 @@ def test_preprocess_feeds_a_model_trained_on_preprocessed_pictures_what_it_was_t
         scorecam.main([str(image), "--model", str(tmp_path / "grey.keras"), "--preprocess", "caffe"])
     assert e.value.code == "error: --preprocess caffe is for RGB models; this one takes 1-channel images " \
                            "(use --preprocess none, unit or tf)"
+
+
+def colour_picture(path, channel, rng, size=(40, 50)):
+    """Noise with one colour channel high: red (0), green (1) or blue (2)."""
+    pixels = rng.integers(0, 40, size + (3,), dtype=np.uint8)
+    pixels[..., channel] += 200
+    return write_image(path, pixels)
+
+
+def dominant_colours(figure_path):
+    """The colour channels (0 red, 1 green, 2 blue) that dominate some pixel of the figure's left quarter,
+    where single_layer_figure draws the input picture (and nothing else)."""
+    figure = np.asarray(Image.open(figure_path).convert("RGB")).astype(int)
+    left = figure[:, :figure.shape[1] // 4].reshape(-1, 3)
+    strong = (left.max(axis=1) > 150) & (np.sort(left, axis=1)[:, 1] < 90)
+    return set(np.unique(left[strong].argmax(axis=1)).tolist())
+
+
+def test_pictures_with_the_same_stem_get_distinct_outputs_each_of_its_own_picture(tmp_path, tiny_model_path):
+    """a/cat.png, b/cat.png and cat.jpg into one --out: three figures, none replacing another, each
+    drawn from its own picture (its input panel has that picture's colour, and no other's)."""
+    rng = np.random.default_rng(0)
+    sources = {colour_picture(tmp_path / name, channel, rng): channel
+               for name, channel in (("a/cat.png", 0), ("b/cat.png", 2), ("cat.jpg", 1))}
+    out = tmp_path / "out"
+    r = run_cli("scorecam.py", *sources, "--model", tiny_model_path, "--out", out, "--precision", "float32")
+    assert r.returncode == 0, r.stderr
+    written = dict(line.split(": wrote ") for line in r.stdout.splitlines() if ": wrote " in line)
+    names = ["cat_png_scorecam.png", "cat_png_2_scorecam.png", "cat_jpg_scorecam.png"]
+    assert written == {str(source): str(out / name) for source, name in zip(sources, names)}
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for source, channel in sources.items():
+        assert dominant_colours(written[str(source)]) == {channel}
+
+
+def test_folder_outputs_are_named_after_the_method_and_never_clash(tmp_path, tiny_model_path):
+    """--folder with a.jpg, a.png and a_jpg.png, run with Score-CAM then Grad-CAM into one --out: six
+    overlays, each named after its method and written from its own picture (an overlay has its
+    picture's size, and the pictures' sizes differ)."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "pictures"
+    sizes = {"a.jpg": (40, 50), "a.png": (30, 60), "a_jpg.png": (44, 36)}
+    for name, size in sizes.items():
+        write_image(folder / name, rng.integers(0, 255, size + (3,), dtype=np.uint8))
+    out = tmp_path / "out"
+    for method in ("scorecam", "gradcam"):
+        r = run_cli("scorecam.py", "--folder", folder, "--out", out, "--model", tiny_model_path, "--method", method,
+                    "--max-n", "2", "--precision", "float32")
+        assert r.returncode == 0, r.stderr
+        assert "wrote 3 overlay(s)" in r.stdout
+    expected = {f"{stem}_{method}.png": sizes[source] for method in ("scorecam", "gradcam")
+                for source, stem in (("a.jpg", "a_jpg"), ("a.png", "a_png"), ("a_jpg.png", "a_jpg_2"))}
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    for name, (height, width) in expected.items():
+        assert Image.open(out / name).size == (width, height), name
+
+
+@pytest.mark.parametrize("method,max_n,label,used", [("faster-scorecam", None, "Faster-Score-CAM (16 ch.)", 16),
+                                                     ("faster-scorecam", "20", "Faster-Score-CAM (20 ch.)", 20),
+                                                     ("scorecam", "16", "Faster-Score-CAM (16 ch.)", 16),
+                                                     ("faster-scorecam", "0", "Score-CAM", None),
+                                                     ("scorecam", None, "Score-CAM", None)])
+def test_figure_label_names_the_channels_used(tmp_path, monkeypatch, method, max_n, label, used):
+    """The figure's label and title follow --max-n (in-process, the figure function captured), and the
+    map drawn is Score-CAM's on those channels of the 24 the layer has."""
+    import keras
+
+    import plots
+    import scorecam
+    from data.images import read_image, resize
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((24, 24, 3))
+    x = keras.layers.Conv2D(24, 3, padding="same", activation="relu", name="conv")(keras.layers.Rescaling(1 / 255)(inp))
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    model.save(tmp_path / "m.keras")
+    image = picture(tmp_path)
+    drawn = {}
+    monkeypatch.setattr(plots, "single_layer_figure", lambda original, shown, heat, blended, title, path, label: (
+        drawn.update(heat=heat, title=title, label=label)))
+    with pytest.raises(SystemExit) as done:
+        scorecam.main([str(image), "--model", str(tmp_path / "m.keras"), "--method", method, "--precision", "float32",
+                       "--out", str(tmp_path / "f.png")] + (["--max-n", max_n] if max_n else []))
+    assert done.value.code == 0
+    assert drawn["label"] == label and f"\n{label}, conv" in drawn["title"]
+    x = resize(read_image(image), (24, 24)).astype(np.float32)[None]
+    np.testing.assert_allclose(drawn["heat"], scorecam.score_cam(model, x, max_n=used, precision="float32")[0],
+                               atol=1e-6)
+    if used:  # the channels used change the map: a wrong max_n would not pass unseen
+        assert not np.allclose(drawn["heat"], scorecam.score_cam(model, x, precision="float32")[0], atol=1e-3)

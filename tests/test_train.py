@@ -154,13 +154,102 @@ def test_an_interrupted_run_resumes_only_with_its_own_options(color_folder, tmp_
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--augment", "none", "--seed", "3"])
     assert e.value.code == (f"error: {tmp_path / 'run'} holds an interrupted run made with --seed 0 --split-seed 0 "
-                            "--augment rotate-shift-flip (now --seed 3 --split-seed 3 --augment none); rerun with its options to resume it, pass "
-                            "--overwrite to start afresh, or choose another --out")
+                            "--augment rotate-shift-flip (now --seed 3 --split-seed 3 --augment none); rerun with its "
+                            "options to resume it, pass --overwrite to start afresh, or choose another --out")
     assert sorted(p.name for p in (tmp_path / "run" / "backup").iterdir()) == backup
     assert history_epochs(tmp_path / "run") == [0]
     train.train(train.parse_args([*args, "--augment", "none", "--overwrite"]))
     assert history_epochs(tmp_path / "run") == [0, 1] and not (tmp_path / "run" / "backup").exists()
     assert json.loads((tmp_path / "run" / "options.json").read_text())["augment"] == "none"
+
+
+def test_an_interrupted_run_resumes_only_on_its_own_data(color_folder, tmp_path, monkeypatch):
+    """options.json records the classes and the pictures of each: another --data-dir, or pictures added, would
+    move held-out pictures into training (another class count died in a tensor dump). One error line naming what
+    changed, the run untouched; an options.json without them (an older version's) still resumes."""
+    import shutil
+
+    monkeypatch.setattr(train, "build_model", small_model)
+    run = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--out", str(run)]
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args([*args, "--data-dir", str(color_folder)]), extra_callbacks=[Interrupt(after=1)])
+    options = json.loads((run / "options.json").read_text())
+    assert options["classes"] == ["blue", "green", "red"] and options["pictures"] == [10, 10, 10]
+    backup = sorted(p.name for p in (run / "backup").iterdir())
+
+    other = shutil.copytree(color_folder, tmp_path / "other")
+    shutil.rmtree(other / "blue")
+    (other / "pink").mkdir()
+    shutil.copy(other / "red" / "0.png", other / "pink" / "0.png")
+    shutil.copy(other / "red" / "1.png", other / "pink" / "1.png")
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--data-dir", str(other)])
+    assert e.value.code == (f"error: {run} holds an interrupted run on classes blue, green, red (now green, pink, "
+                            "red); rerun with that data to resume it, pass --overwrite to start afresh, or choose "
+                            "another --out")
+    shutil.copy(color_folder / "red" / "0.png", color_folder / "red" / "new.png")
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--data-dir", str(color_folder)])
+    assert e.value.code.startswith(f"error: {run} holds an interrupted run on 30 pictures (now 31: red had 10, "
+                                   "now 11); rerun with that data")
+    assert sorted(p.name for p in (run / "backup").iterdir()) == backup and history_epochs(run) == [0]
+    assert json.loads((run / "options.json").read_text()) == options
+
+    (color_folder / "red" / "new.png").unlink()
+    older = {k: v for k, v in options.items() if k not in ("classes", "pictures")}
+    (run / "options.json").write_text(json.dumps(older))
+    train.train(train.parse_args([*args, "--data-dir", str(color_folder)]))
+    assert history_epochs(run) == [0, 1] and not (run / "backup").exists()
+
+
+@pytest.mark.parametrize("dataset, out", [("folder", "data/run"), ("folder", "data"), ("cifar10", "data/train/run"),
+                                          ("folder", "link/run")])
+def test_out_inside_the_data_folder_is_refused(color_folder, tmp_path, monkeypatch, dataset, out):
+    """A run written into --data-dir becomes a class of its own (its backup/, or itself under train/) on the next
+    run: one error line, before anything is read or written."""
+    monkeypatch.setattr(train, "build_model", small_model)  # were it not refused: a short run, then the failure
+    data = tmp_path / "data"
+    color_folder.rename(data)
+    (tmp_path / "link").symlink_to(data)  # the data folder by another name
+    before = sorted(map(str, tmp_path.rglob("*")))
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--dataset", dataset, "--data-dir", str(data), "--out", str(tmp_path / out),
+                    "--epochs", "1"])
+    assert e.value.code == (f"error: --out {tmp_path / out} is inside --data-dir {data}, where its folders would be "
+                            "read as pictures; choose an --out outside it")
+    assert sorted(map(str, tmp_path.rglob("*"))) == before
+
+
+def test_a_fresh_start_leaves_no_output_of_an_older_run(color_folder, tmp_path, monkeypatch):
+    """--overwrite (or a start without a checkpoint) that dies in its first epoch left the old model, its class
+    file and curves beside the new options.json, as if they were the new run's."""
+    monkeypatch.setattr(train, "build_model", small_model)
+    run = tmp_path / "run"
+    args = [*TINY, "--data-dir", str(color_folder), "--epochs", "1", "--out", str(run)]
+    train.train(train.parse_args(args))
+    old = {"model.keras", "model.classes.json", "acc.png", "loss.png", "confusion.png", "history.csv", "results.json"}
+    assert old <= {p.name for p in run.iterdir()}
+
+    class DiesAtOnce(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args([*args, "--overwrite", "--seed", "1"]), extra_callbacks=[DiesAtOnce()])
+    assert sorted(p.name for p in run.iterdir() if p.name != "backup") == ["options.json"]
+    assert json.loads((run / "options.json").read_text())["seed"] == 1
+
+
+def test_an_interrupt_before_the_first_saved_epoch_says_there_is_nothing_to_resume(color_folder, tmp_path,
+                                                                                 monkeypatch):
+    def interrupted_while_reading(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_data", interrupted_while_reading)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--data-dir", str(color_folder), "--out", str(tmp_path / "run")])
+    assert e.value.code == "interrupted before the first epoch was saved: nothing to resume"
 
 
 def test_split_seed_fixes_the_validation_split_while_the_seed_varies(color_folder):

@@ -1,0 +1,46 @@
+"""The README's Python examples run as printed (a NameError there is the first thing a reader meets), with
+`images` made here and, offline, `weights=None` for the one that downloads ImageNet weights."""
+import re
+
+import keras
+import numpy as np
+
+from conftest import ROOT
+from model import load_model
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_readme_has_the_python_examples_this_file_runs():
+    blocks = python_blocks()
+    assert len(blocks) == 2, "a README Python example was added or removed: run it in this file too"
+    assert 'load_model("models/cifar10.keras")' in blocks[0] and "MobileNetV2" in blocks[1]
+
+
+def test_the_shipped_model_example_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    names = {"images": images}
+    exec(python_blocks()[0], names)
+    maps = names["maps"]  # the last line's: {layer: (N, H, W)}
+    assert sorted(maps) == ["block1_conv1", "block4_conv3"] and names["probs"].shape == (2, 10)
+    assert all(m.shape == (2, 32, 32) and 0 <= m.min() and m.max() <= 1 for m in maps.values())
+
+
+def test_your_own_model_example_runs(tmp_path):
+    code = python_blocks()[1]
+    assert 'weights="imagenet"' in code
+    images = np.random.default_rng(0).integers(0, 256, (1, 96, 96, 3)).astype("float32")
+    names = {"images": images}
+    exec(code.replace('weights="imagenet"', "weights=None"), names)  # no download in a test
+    assert names["maps"].shape == (1, 96, 96) and np.isfinite(names["maps"]).all()
+    model = names["model"]
+    # the preprocessing layer is MobileNetV2's preprocess_input, and the model loads back from a .keras file
+    x = images[:, :4, :4]
+    np.testing.assert_allclose(np.asarray(model.layers[0](x)),
+                               keras.applications.mobilenet_v2.preprocess_input(x.copy()), atol=1e-6)
+    model.save(tmp_path / "own.keras")
+    loaded = load_model(tmp_path / "own.keras")[0]
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
