@@ -180,6 +180,11 @@ def resolve_precision(precision, model=None, layers=None, images=None, batch_siz
 # least 16), so a compiler that specialises on shapes (XLA, JAX) compiles a handful of programs.
 
 _TAIL_MIN = 16
+# A masked batch holds its pictures at the input size and the network's activations for all of them, so
+# its memory grows with batch x H x W: a batch is capped at PIXEL_BUDGET pixels, the default batch of 256
+# at ImageNet's 224 x 224, which leaves 32 x 32 to 224 x 224 inputs their full batch and lets a model that
+# takes any size explain a 12-megapixel photo one masked picture at a time instead of running out of memory.
+PIXEL_BUDGET = 256 * 224 * 224
 
 
 class MaskedScores(keras.Model):
@@ -259,8 +264,9 @@ class _Explainer:
         self.batch_size = int(batch_size)
         self.max_n = max_n
         per_image = max(int(t.shape[-1]) for t in self.tapped.outputs[:-2])
-        per_image = min(per_image, self.max_n or per_image)
-        self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // per_image)
+        self.per_image = min(per_image, self.max_n or per_image)
+        self.chunk_given = bool(chunk)
+        self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // self.per_image)
         self.size = None  # the images' (H, W): one per explainer
         self.queue = {name: collections.deque() for name in self.names}  # [chunk, pairs taken] in queue order
         self.queued = dict.fromkeys(self.names, 0)  # pairs queued, ever
@@ -274,6 +280,7 @@ class _Explainer:
             images = cam.check_images(self.model, images)
             if self.size is None:
                 self.size = images.shape[1:3]
+                self._fit_batch()
             elif images.shape[1:3] != self.size and len(images):
                 raise ValueError(f"all images of one call must share a size: {self.size} and {images.shape[1:3]}")
             n = len(images)
@@ -293,6 +300,16 @@ class _Explainer:
             for take, run in _tail_sizes(self.queued[name] - self.scored[name], self.batch_size, len(self.devices)):
                 self._score(name, take, run)
         yield from self._finished()
+
+    def _fit_batch(self):
+        """batch_size (and the chunk it sets) lowered to PIXEL_BUDGET pixels a masked batch for the images'
+        size, kept a multiple of the devices; the maps do not change, only how many pictures a step runs."""
+        k = len(self.devices)
+        fits = max(k, PIXEL_BUDGET // int(np.prod(self.size)) // k * k)
+        if fits < self.batch_size:
+            self.batch_size = fits
+            if not self.chunk_given:
+                self.chunk = max(1, 4 * fits // self.per_image)
 
     def _add(self, out, rows, x, classes, last):
         acts, pairs, ends, targets = {}, {}, {}, np.zeros(0, np.int32)
@@ -483,7 +500,8 @@ def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n
     layer: a name, path or Layer (None: the last conv layer), see cam.find_layer. class_index: None
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
     only the max_n channels of largest spatial standard deviation (None or 0: every channel).
-    precision: "float32", "bfloat16" (a bfloat16 copy of the model does the forward passes) or "auto"
+    batch_size: masked images a forward pass, at most PIXEL_BUDGET pixels in all (fewer, for pictures
+    larger than 224 x 224, so memory stays bounded). precision: "float32", "bfloat16" (a bfloat16 copy of the model does the forward passes) or "auto"
     (measured: auto_precision).
     devices: None (one device), a count, "all" or device names: the masked batches are sharded over
     them with Keras's DataParallel distribution (JAX backend; batch_size a multiple of their number).
@@ -748,7 +766,8 @@ def main(argv=None):
                    help="scorecam (default), faster-scorecam, gradcam, gradcampp or layercam")
     p.add_argument("--class", dest="class_name", metavar="NAME_OR_INDEX", help="class to explain (default: predicted)")
     p.add_argument("--out", default="out", help="output PNG or JPEG (one image) or folder (default: %(default)s/)")
-    p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass")
+    p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass (fewer "
+                   "for pictures over 224 x 224: at most 256 x 224 x 224 pixels a pass)")
     p.add_argument("--max-n", type=int, help="Faster-Score-CAM: use only the N most varying channels")
     p.add_argument("--preprocess", choices=PREPROCESSING, default="none",
                    help="how the model takes pixels, where it was trained on preprocessed pictures without that "

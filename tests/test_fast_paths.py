@@ -79,6 +79,31 @@ def test_chunk_and_batch_sizes_do_not_change_the_maps(small, batch_size, chunk):
     assert (plain["conv2"][3] == 0).all()  # the black image
 
 
+def test_pictures_over_the_pixel_budget_are_scored_in_smaller_batches_with_the_same_maps(small, monkeypatch):
+    """A 12-megapixel photo in a model of any input size would fill 256 x 12e6 x C floats a batch: batches are
+    capped at PIXEL_BUDGET pixels (here lowered to 3 of the test's pictures) and the maps stay the same."""
+    model, images = small
+    plain, _ = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
+    pixels = int(np.prod(images.shape[1:3]))
+    runs = []
+    original = scorecam.MaskedScores.predict_on_batch
+
+    def recording(self, inputs):
+        runs.append(len(inputs[1]))  # the masked pictures of the step (pairs, padding included)
+        return original(self, inputs)
+
+    monkeypatch.setattr(scorecam.MaskedScores, "predict_on_batch", recording)
+    monkeypatch.setattr(scorecam, "PIXEL_BUDGET", 3 * pixels + pixels // 2)
+    capped, _ = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
+    assert runs and max(runs) == 3
+    for key in plain:
+        np.testing.assert_allclose(capped[key], plain[key], atol=1e-5)
+    runs.clear()
+    monkeypatch.setattr(scorecam, "PIXEL_BUDGET", 256 * pixels)  # within the budget: the batch asked for
+    score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
+    assert max(runs) == 16
+
+
 def test_faster_score_cam_scores_only_max_n_pairs_per_image(small, monkeypatch):
     model, images = small
     scored = []
