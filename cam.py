@@ -158,6 +158,12 @@ def _check_classifier(model):
     if len(outputs[0].shape) != 2:
         raise ValueError(f"the model's output is {tuple(outputs[0].shape)}; classifiers with one (N, classes) "
                          "output are supported")
+    first = next((ref for ref in all_layers(model) if getattr(ref.layer, "data_format", None) == "channels_first"),
+                 None)
+    if first is not None:  # masks, activations and maps are all (N, H, W, C): the wrong axes would pass silently
+        raise ValueError(f"layer {path_name(first)} computes channels-first (data_format='channels_first'); the "
+                         "explainers take channels-last models, images (N, H, W, C): build the model with "
+                         "data_format='channels_last' (Keras's default)")
 
 
 def _output_path(model):

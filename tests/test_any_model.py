@@ -409,6 +409,13 @@ def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():
     subclassed(images)
     with pytest.raises(ValueError, match="subclassed"):
         score_cam(subclassed, images)
+    # channels-first, even inside a nested backbone: masks and maps would take the wrong axes, silently
+    inner = keras.Sequential([keras.Input((3, 8, 8)), layers.Conv2D(2, 3, data_format="channels_first", name="cf")],
+                             name="backbone")
+    first = keras.Sequential([keras.Input((3, 8, 8)), inner, layers.Flatten(), layers.Dense(2)])
+    for method in (score_cam, grad_cam):
+        with pytest.raises(ValueError, match="backbone/cf computes channels-first.*channels_last"):
+            method(first, np.zeros((1, 3, 8, 8), np.float32))
 
 
 def test_images_of_the_wrong_shape_or_values_are_clear_errors(mobilenet):
