@@ -359,13 +359,17 @@ def check_images(model, images):
         images = np.asarray(images, dtype=np.float32)
     except (TypeError, ValueError):
         raise ValueError("images must be a numeric array (N, H, W, C)") from None
+    given = images.shape
     if images.ndim == 3:
         images = images[None]
     want = (height or "H", width or "W", channels)
     if images.ndim != 4 or images.shape[-1] != channels or any(
             s is not None and s != got for s, got in zip((height, width), images.shape[1:3])) or 0 in images.shape[1:3]:
-        raise ValueError(f"images must be (N, {want[0]}, {want[1]}, {want[2]}) arrays for this model, "
-                         f"got {images.shape}")
+        hint = ""
+        if len(given) == 3 and channels == 1 and given[-1] != 1:  # (N, H, W): greyscale pictures without their axis
+            hint = "; a batch of greyscale pictures (N, H, W) needs its channel axis: images[..., None]"
+        raise ValueError(f"images must be (N, {want[0]}, {want[1]}, {want[2]}) arrays (or one (H, W, C) picture) "
+                         f"for this model, got {given}{hint}")
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
     if height is None or width is None:

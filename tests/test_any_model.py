@@ -424,3 +424,9 @@ def test_images_of_the_wrong_shape_or_values_are_clear_errors(mobilenet):
                          (np.full((1, 64, 64, 3), np.nan), "NaN"), (np.array([["a"]]), "numeric")):
         with pytest.raises(ValueError, match=message):
             score_cam(model, bad)
+    # the shape the caller passed is the one named, and a greyscale batch without its channel axis is told so
+    grey = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(2, 3, name="conv"), layers.Flatten(),
+                             layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"got \(5, 8, 8\); a batch of greyscale .*images\[\.\.\., None\]"):
+        score_cam(grey, np.zeros((5, 8, 8)))
+    assert score_cam(grey, images_for((8, 8, 1), n=5)).shape == (5, 8, 8)
