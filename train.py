@@ -295,7 +295,9 @@ def load_data(args):
         warnings.simplefilter("ignore", UserWarning)  # reported below, in one line
         d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.split_seed)
     if d.skipped:
-        print(f"skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0][1]}", file=sys.stderr)
+        shown = "; ".join(reason for _, reason in d.skipped[:3])  # each reason names its file
+        more = f"; and {len(d.skipped) - 3} more" if len(d.skipped) > 3 else ""
+        print(f"skipped {len(d.skipped)} unreadable file(s): {shown}{more}", file=sys.stderr)
     display = read_display_names(args.names, d.class_names) if args.names else None
     return d.x_train, d.y_train, d.x_val, d.y_val, d.class_names, display, "validation"
 
@@ -314,6 +316,14 @@ def read_display_names(path, class_names):
         cells = [c.strip() for c in line.split("\t")]
         if len(cells) >= 2 and cells[0] and cells[0] != "folder":
             names[cells[0]] = cells[-1]
+    if not set(names) & set(class_names):
+        found = "its first column names none of" if names else "it has no tab-separated rows for"
+        raise ValueError(f"--names {path}: {found} the class folders ({', '.join(class_names[:5])}"
+                         f"{', ...' if len(class_names) > 5 else ''}); write one line per folder: "
+                         f"folder<TAB>display name")
+    unlisted = [c for c in class_names if c not in names]
+    if unlisted:
+        print(f"note: --names {path} has no row for {', '.join(unlisted)}; shown by folder name", file=sys.stderr)
     return [names.get(c, c) for c in class_names]
 
 

@@ -37,3 +37,20 @@ def test_japanese_labels_render_with_real_glyphs(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns "Glyph ... missing from font(s)" for tofu
         confusion_matrix_figure(np.eye(2, dtype=int) * 3, ["高坂穂乃果", "南ことり"], tmp_path / "cm.png", title="混同行列")
     assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_a_names_file_naming_no_class_folder_is_an_error_and_a_partial_one_says_which_are_unlisted(tmp_path, capsys):
+    import pytest
+
+    commas = tmp_path / "names.csv"
+    commas.write_text("folder,name\ngura,Gawr Gura\nina,Ina\n", encoding="utf-8")  # commas, not tabs
+    with pytest.raises(ValueError, match="no tab-separated rows.*folder<TAB>display name"):
+        read_display_names(commas, ["gura", "ina"])
+    other = tmp_path / "other.tsv"
+    other.write_text("honoka\t高坂穂乃果\n", encoding="utf-8")  # another character set
+    with pytest.raises(ValueError, match="names none of the class folders \\(gura, ina\\)"):
+        read_display_names(other, ["gura", "ina"])
+    partial = tmp_path / "partial.tsv"
+    partial.write_text("gura\tGawr Gura\n", encoding="utf-8")
+    assert read_display_names(partial, ["gura", "ina", "new"]) == ["Gawr Gura", "ina", "new"]
+    assert "has no row for ina, new; shown by folder name" in capsys.readouterr().err

@@ -558,3 +558,12 @@ def test_no_arguments_trains_cifar10_and_a_failed_download_is_one_error_line(tmp
     assert last.startswith(f"error: could not download CIFAR-10 (URL fetch failure on {url}")
     assert last.endswith("; pass --data-dir DIR (pickles or train/ test/ folders)")
     assert not (tmp_path / "work" / "runs").exists()  # nothing written for a run that never started
+
+
+def test_skipped_files_are_named_up_to_three_with_their_reasons(color_folder, capsys):
+    for i in range(4):
+        (color_folder / "red" / f"broken{i}.png").write_bytes(b"not a picture")
+    train.load_data(train.parse_args([*TINY, "--data-dir", str(color_folder)]))
+    err = capsys.readouterr().err
+    assert "skipped 4 unreadable file(s): " in err and "; and 1 more" in err
+    assert sum(f"broken{i}.png: not an image" in err for i in range(4)) == 3
