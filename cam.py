@@ -166,17 +166,55 @@ def _check_classifier(model):
                          "data_format='channels_last' (Keras's default)")
 
 
+def _keeps_values(layer):
+    """A layer or op that leaves the values as they are at inference: a dtype cast (mixed precision's
+    Activation("linear", dtype="float32"), keras.ops.cast), Identity, Dropout."""
+    if isinstance(layer, keras.layers.Activation):
+        return _activation_name(layer) == "linear"
+    if isinstance(layer, (keras.layers.Identity, keras.layers.Dropout)):
+        return True
+    return not isinstance(layer, keras.layers.Layer) and type(layer).__name__ == "Cast"
+
+
 def _output_path(model):
-    """Names from the top model down to the layer that produces the output."""
+    """Names from the top model down to the layer that produces the output's values (before any
+    trailing cast, Identity or Dropout, which would hide a softmax from the score rule)."""
     if isinstance(model, keras.Sequential):
-        last = _children(model)[-1]
+        children = _children(model)
+        while len(children) > 1 and _keeps_values(children[-1]):
+            children = children[:-1]
+        last = children[-1]
     else:
-        last = model.outputs[0]._keras_history.operation
+        history = model.outputs[0]._keras_history
+        while _keeps_values(history.operation):
+            inputs = history.operation._inbound_nodes[history.node_index].arguments.keras_tensors
+            before = inputs[0]._keras_history
+            if len(inputs) != 1 or isinstance(before.operation, keras.layers.InputLayer):
+                break
+            history = before
+        last = history.operation
     return (last.name,) + (_output_path(last) if _is_container(last) else ())
 
 
 def _activation_name(layer):
     return getattr(getattr(layer, "activation", None), "__name__", "")
+
+
+def _link(layer):
+    """"softmax" or "sigmoid" where the output layer or op is itself that function of its input (a Softmax
+    layer, an Activation, a Lambda of keras.activations.softmax, keras.ops.softmax in a functional graph),
+    else None."""
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(layer, keras.layers.Activation):
+        name = _activation_name(layer)
+    elif isinstance(layer, keras.layers.Lambda):
+        name = getattr(layer.function, "__name__", "")
+    elif not isinstance(layer, keras.layers.Layer):  # an op: keras.ops.softmax(x) is an Operation "Softmax"
+        name = type(layer).__name__.lower()
+    else:
+        return None
+    return name if name in ("softmax", "sigmoid") else None
 
 
 class _PreActivation(keras.layers.Layer):
@@ -196,12 +234,10 @@ class _PreActivation(keras.layers.Layer):
 
 def _scores(layer, inputs, output):
     """(pre-activation scores, link) at the output layer: link "softmax" or "sigmoid"."""
+    link = _link(layer)
+    if link:
+        return inputs, link
     activation = _activation_name(layer)
-    if isinstance(layer, keras.layers.Softmax) or (isinstance(layer, keras.layers.Activation) and
-                                                   activation == "softmax"):
-        return inputs, "softmax"
-    if isinstance(layer, keras.layers.Activation) and activation == "sigmoid":
-        return inputs, "sigmoid"
     if activation in ("softmax", "sigmoid"):
         return _PreActivation(layer)(inputs), activation
     return output, "logits"
@@ -217,6 +253,8 @@ def _rerun(model, x, wanted, found):
         key = here.get(())
         if key == "scores":
             found[key] = _scores(layer, args[0], out)
+        elif key in found:  # a shared layer called again: counted, and explainable() refuses it
+            found[("calls", key)] = found.get(("calls", key), 1) + 1
         elif key is not None:
             found[key] = out
             if ("delta", key) in found:  # the zero perturbation the gradient is taken against; named, as
@@ -248,7 +286,13 @@ def _rerun_nested(model, x, wanted, found):
     sub = keras.Model([level_in] + list(level.values()), [out] + tensors, name=model.name)
     results = sub([x] + [found[d] for d in level])
     for key, tensor in zip(keys, results[1:]):
+        calls = inner.get(("calls", key), 1)
+        if key != "scores" and key in found:  # the nested model itself called again
+            found[("calls", key)] = found.get(("calls", key), 1) + calls
+            continue
         found[key] = (tensor, inner[key][1]) if key == "scores" else tensor
+        if calls > 1:
+            found[("calls", key)] = calls
     return results[0]
 
 
@@ -272,6 +316,10 @@ def explainable(model, layers=(), perturb=False):
         raise ValueError(f"layer {'/'.join(out_path)!r} is the model's output, not a feature map")
     wanted[out_path] = "scores"
     _rerun(model, images, wanted, found)
+    for i, ref in enumerate(layers):
+        if found.get(("calls", i), 1) > 1:
+            raise ValueError(f"layer {path_name(ref)!r} is called {found['calls', i]} times in the model (a shared "
+                             "layer), so it has no one feature map to explain; pass a layer that is called once")
     acts = [found[i] for i in range(len(layers))]
     for ref, act in zip(layers, acts):
         if len(act.shape) != 4:

@@ -114,13 +114,15 @@ def cifar_figures(data_dir, out):
 
 
 def character_figures(faces_dir, out):
-    from data.folder import load_image_folder
+    from data.folder import load_image_folder, skipped_report
 
     found = shipped("characters")
     if found is None or faces_dir is None:
         return
     model, names, display, history_csv, results = found
-    data = load_image_folder(faces_dir, tuple(model.input_shape[1:3]), val_fraction=0.2, seed=0)
+    data = load_image_folder(faces_dir, tuple(model.input_shape[1:3]), val_fraction=0.2, seed=0, warn=False)
+    if data.skipped:
+        print(skipped_report(data.skipped), file=sys.stderr)
     if data.class_names != names:
         raise ValueError(f"{faces_dir} has classes {data.class_names[:3]}..., the model {names[:3]}...")
     layer_figures(model, display, data.x_val, data.y_val, "characters", out)

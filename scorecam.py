@@ -17,6 +17,7 @@ core" below; bench.py measures it).
 """
 import argparse
 import collections
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,16 @@ AUTO_MIN_PASSES = 8192
 _timer = time.perf_counter  # tests stub it to force each outcome of "auto"
 
 
+def reason(error):
+    """An error of Keras or a backend on one line: its type and the first line of its own message, without
+    Keras's "Exception encountered when calling" preamble, its arguments listing and its terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and not line.strip().startswith(("Exception encountered", "Arguments received", "\u2022"))]
+    line = lines[0] if lines else ""
+    return f"{type(error).__name__}: {line if len(line) <= 200 else line[:197] + '...'}"
+
+
 def sync_weights(copy, model):
     """`copy` (a clone of `model`) given the model's weights, then finalize_state() on each of its layers
     that holds weights, as Keras's own weight loading does: an adapted Normalization computes the mean and
@@ -84,9 +95,9 @@ def bfloat16_copy(model):
 
         try:
             return keras.models.clone_model(model, clone_function=clone, recursive=True)
-        except Exception as e:  # subclassed models cannot be rebuilt from their config
-            raise ValueError(f"precision='bfloat16' needs a Functional or Sequential model "
-                             f"({type(e).__name__}: {e})") from None
+        except Exception as e:  # a layer that cannot be rebuilt from its config in bfloat16
+            raise ValueError(f"precision='bfloat16' could not make a bfloat16 copy of this model ({reason(e)}); "
+                             "pass precision='float32'") from None
 
     return sync_weights(cam.derived(model, "bfloat16", build), model)
 
@@ -106,8 +117,9 @@ def replicated_copy(model, devices):
             try:
                 return keras.models.clone_model(model, clone_function=lambda layer: layer.__class__.from_config(
                     layer.get_config()), recursive=True)
-            except Exception as e:  # subclassed models cannot be rebuilt from their config
-                raise ValueError(f"devices= needs a Functional or Sequential model ({type(e).__name__}: {e})") from None
+            except Exception as e:  # a layer that cannot be rebuilt from its config
+                raise ValueError(f"devices= could not copy this model onto the devices ({reason(e)}); "
+                                 "use one device") from None
 
     return sync_weights(cam.derived(model, ("replicated", tuple(devices)), build), model), distribution
 
@@ -134,7 +146,7 @@ def auto_precision(model, layers, images, batch_size=256, max_n=None):
                 maps[precision], probs[precision] = score_cam_layers(model, images, layers, batch_size=batch_size,
                                                                      max_n=max_n, precision=precision)
                 speed[precision] = len(images) / max(_timer() - start, 1e-9)
-            except ValueError:  # no bfloat16 copy of this model
+            except ValueError:  # no bfloat16 copy of this model, or one that does not run in bfloat16
                 return {"choice": "float32", "images_per_s": speed, "min_pearson_r": None, "top_class_equal": None}
         r = min(float(cam.pearson(maps["float32"][k], maps["bfloat16"][k]).min()) for k in maps["float32"])
         same = bool((probs["float32"].argmax(1) == probs["bfloat16"].argmax(1)).all())
@@ -252,6 +264,7 @@ class _Explainer:
         max_n = check_max_n(max_n)
         refs = {ref.path: ref for ref in (cam.find_layer(model, layer) for layer in layers)}
         self.names = ["/".join(path) for path in refs]
+        self.precision = precision
         self.distribution = None
         if len(self.devices) > 1:
             self.net, self.distribution = replicated_copy(model, self.devices)
@@ -314,7 +327,13 @@ class _Explainer:
     def _add(self, out, rows, x, classes, last):
         acts, pairs, ends, targets = {}, {}, {}, np.zeros(0, np.int32)
         if len(x):
-            *layer_acts, _, probs = self.tapped.predict_on_batch(x)
+            try:
+                *layer_acts, _, probs = self.tapped.predict_on_batch(x)
+            except Exception as e:  # maths that will not run in bfloat16 (a TensorFlow op on a float32 constant)
+                if self.precision != "bfloat16":
+                    raise
+                raise ValueError(f"this model does not run in bfloat16 ({reason(e)}); "
+                                 "pass precision='float32'") from None
             probs = np.asarray(probs, dtype=np.float32)
             targets = cam.target_classes(classes, probs).astype(np.int32)
             out[1][rows] = probs
@@ -413,9 +432,25 @@ class _Explainer:
         return np.concatenate(taken) if taken else np.zeros(0, np.float32)
 
 
+def label_classes(labels):
+    """The classes a batch's labels name, as class_index="labels" takes them: class indices (n,) or (n, 1),
+    ints or whole floats (keras.utils.image_dataset_from_directory's label_mode="binary"), or one-hot
+    rows (n, C) (its label_mode="categorical"); a clear ValueError for anything else (soft labels)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        if not (np.isin(labels, (0, 1)).all() and (labels.sum(axis=1) == 1).all()):
+            raise ValueError(f"labels of shape {labels.shape} are not one-hot rows; class_index=\"labels\" takes "
+                             "class indices (n,) or one-hot rows (n, classes)")
+        return labels.argmax(axis=1)
+    labels = labels.reshape(-1)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        return labels.astype(np.int64)
+    return labels
+
+
 def _parts(batches, class_index):
     """(images, class_index) for each item of `batches`: an array of images, or a tuple (images,
-    labels) such as a labelled tf.data dataset yields, whose labels are the classes when
+    labels) such as a labelled tf.data dataset yields, whose labels (label_classes) are the classes when
     class_index == "labels" (and are otherwise ignored)."""
     for item in batches:
         if isinstance(item, (tuple, list)) and len(item) == 2 and np.ndim(item[0]) == 4:
@@ -425,7 +460,7 @@ def _parts(batches, class_index):
         if isinstance(class_index, str) and class_index == "labels":
             if labels is None:
                 raise ValueError('class_index="labels" needs (images, labels) batches')
-            yield images, np.asarray(labels).reshape(-1)
+            yield images, label_classes(labels)
         else:
             yield images, class_index
 
@@ -702,8 +737,11 @@ def explain_folder(model, names, args):
     files, dest = _folder_files(folder, Path(args.out), output_suffix(args))
     target = parse_class(args.class_name, names)
     height, width, _ = cam.input_spec(model)
-    if height is None or width is None:
-        raise ValueError("--folder needs a model with a fixed input size (pictures are explained in batches)")
+    any_size = height is None or width is None  # then each picture is explained at its own size, one at a time
+    read_batch = 1 if any_size else args.read_batch
+    if any_size and args.devices is not None:
+        raise ValueError("--devices needs a model with a fixed input size (this one explains each picture at its "
+                         "own size, one at a time)")
     skipped, in_flight = [], collections.deque()
     bar = tqdm(total=len(files), desc=method_label(args), unit="img", mininterval=1)
 
@@ -716,13 +754,15 @@ def explain_folder(model, names, args):
             except ImageError as e:
                 skipped.append(str(e))
                 bar.update(1)
-            if paths and (len(paths) == args.read_batch or n == len(files)):
+            if paths and (len(paths) == read_batch or n == len(files)):
                 in_flight.append((paths, pictures))  # the originals of the batches in flight, no more
                 yield preprocess(np.concatenate([model_input(model, p) for p in pictures]), args.preprocess)
                 paths, pictures = [], []
 
     method = cam.METHODS[args.method].function
-    if method in (score_cam, faster_score_cam):  # "auto" measures a stream, unless the folder is a small call
+    if any_size:
+        results = (explain_maps(model, x, [args.layer], target, args)[0].popitem()[1] for x in batches())
+    elif method in (score_cam, faster_score_cam):  # "auto" measures a stream, unless the folder is a small call
         precision = "float32" if args.precision == "auto" and len(files) < AUTO_MIN_IMAGES else args.precision
         results = score_cam_stream(model, batches(), args.layer, target, args.batch_size, method_max_n(args),
                                    precision, devices=args.devices)
@@ -792,6 +832,9 @@ def main(argv=None):
         model, names, display = load_model(args.model)
         parse_class(args.class_name, names)
         cam.find_layer(model, args.layer)
+        # the layers' graph built once here: a layer without a 4-D output is one error, not one per picture
+        cam.explainable_cached(model, cam.conv_layers(model) if args.all_layers else
+                               [cam.find_layer(model, args.layer)])
         preprocess(np.zeros((1, 1, 1, cam.input_spec(model)[2]), np.float32), args.preprocess)
         if args.devices is not None:
             if not args.folder:

@@ -21,7 +21,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import runtime  # noqa: E402  (before keras: quiet TensorFlow start-up)
@@ -276,7 +275,7 @@ def compile_model(model, args, steps, weighted=False):
 
 def load_data(args):
     """(x_train, y_train, x_val, y_val, class_names, display_names, what the validation set is)."""
-    from data.folder import load_image_folder, stratified_split
+    from data.folder import load_image_folder, skipped_report, stratified_split
 
     if args.dataset == "cifar10":
         from data.cifar10 import load_cifar10
@@ -291,13 +290,9 @@ def load_data(args):
     if not args.data_dir:
         raise ValueError("--dataset folder needs --data-dir")
     size = (args.image_size, args.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # reported below, in one line
-        d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.split_seed)
+    d = load_image_folder(args.data_dir, size, val_fraction=args.val_split, seed=args.split_seed, warn=False)
     if d.skipped:
-        shown = "; ".join(reason for _, reason in d.skipped[:3])  # each reason names its file
-        more = f"; and {len(d.skipped) - 3} more" if len(d.skipped) > 3 else ""
-        print(f"skipped {len(d.skipped)} unreadable file(s): {shown}{more}", file=sys.stderr)
+        print(skipped_report(d.skipped), file=sys.stderr)
     display = read_display_names(args.names, d.class_names) if args.names else None
     return d.x_train, d.y_train, d.x_val, d.y_val, d.class_names, display, "validation"
 

@@ -18,17 +18,18 @@ import os
 import shutil
 import sys
 import threading
+import time
 import unicodedata
 from pathlib import Path
 
+import requests
 from icrawler import Crawler, ImageDownloader
 from icrawler.builtin import BaiduImageCrawler, BingImageCrawler, GoogleImageCrawler
 from icrawler.storage import BaseStorage
-from PIL import Image
 from tqdm import tqdm
 
 from atomic import write_text
-from data.images import ImageError, list_images, read_image
+from data.images import ImageError, list_images, open_image, read_image
 
 DEFAULT_NAMES = Path(__file__).resolve().parent / "names_lovelive.txt"
 # --engine choices. Any icrawler Crawler whose feeder takes (keyword, offset, max_num) fits; the
@@ -37,6 +38,11 @@ ENGINES = {"bing": BingImageCrawler, "google": GoogleImageCrawler, "baidu": Baid
 MAX_RESULTS = 1000  # the engines give at most this many results for a query
 # Seconds; icrawler's defaults. A downloader thread that has an image quits after `queue` idle seconds.
 TIMEOUTS = {"queue": 5.0, "parser_queue": 2.0, "request": 5.0}
+# A download is refused past these: `request` bounds each read, not the whole body, so a server trickling a
+# byte every few seconds, or sending without end, would otherwise hold a thread or fill the memory.
+MAX_DOWNLOAD_BYTES = 50 * 2**20  # far above any picture worth training on
+DOWNLOAD_SECONDS = 60.0
+READ_CHUNK = 64 * 1024
 HASH_CHARS = 16  # 64 bits of the SHA-256: no accidental collision among millions of pictures
 MAX_FOLDER_BYTES = 96  # UTF-8 bytes, hash suffix included: far below the usual 255-byte name limit
 STATE = ".crawl"  # hidden, so image-folder readers never take it for a class
@@ -199,7 +205,7 @@ class FolderStore(BaseStorage):
         try:
             part.write_bytes(content)
             read_image(part)
-            with Image.open(part) as im:
+            with open_image(part) as im:  # Image.open would refuse a JPEG over the pixel limit that read_image reads
                 suffix = _SUFFIX.get(im.format, (im.format or "img").lower())
             os.replace(part, self.staging / f"{key}.{suffix}")
         finally:
@@ -239,33 +245,71 @@ class FolderStore(BaseStorage):
             log.error("could not record %s: %s", url, e)
 
 
+class DownloadRefused(Exception):
+    """A response too large or too slow to be a picture worth waiting for."""
+
+
+def fetch(session, url, timeout, max_bytes=MAX_DOWNLOAD_BYTES, seconds=DOWNLOAD_SECONDS):
+    """(status, body) of a GET, body None unless the status is 200. The body is read piece by piece (each read
+    waits at most `timeout`), so one over max_bytes (as declared, or as it arrives) or still arriving after
+    `seconds` raises DownloadRefused instead of filling the memory or holding the thread indefinitely."""
+    deadline = time.monotonic() + seconds
+    with session.get(url, timeout=timeout, stream=True) as response:
+        if response.status_code != 200:
+            return response.status_code, None
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise DownloadRefused(f"{int(declared)} bytes, over the {max_bytes}-byte limit")
+        body = bytearray()
+        while piece := response.raw.read1(READ_CHUNK, decode_content=True):
+            body += piece
+            if len(body) > max_bytes:
+                raise DownloadRefused(f"over the {max_bytes}-byte limit")
+            if time.monotonic() > deadline:
+                raise DownloadRefused(f"still arriving after {seconds:g} s")
+        return 200, bytes(body)
+
+
 class StoreDownloader(ImageDownloader):
     """icrawler's ImageDownloader storing through a FolderStore: no request for a URL already
-    fetched or once the folder is full, and only new, readable pictures count towards max_num."""
+    fetched or once the folder is full, only new, readable pictures count towards max_num, and a
+    body is read with fetch's size and time limits (icrawler's own download reads any body whole)."""
 
-    def download(self, task, default_ext, timeout=5, max_retry=3, overwrite=False, **kwargs):
+    def download(self, task, default_ext, timeout=5, max_retry=3, overwrite=False, max_bytes=MAX_DOWNLOAD_BYTES,
+                 seconds=DOWNLOAD_SECONDS, **kwargs):
+        url = task["file_url"]
         task["success"], task["filename"] = False, None
         if self.storage.full():
             self.signal.set(reach_max_num=True)
-        elif not self.storage.seen(task["file_url"]):
-            # overwrite=True skips icrawler's "file already there" check, which needs the file name
-            # before downloading; here the name is the content hash, known only afterwards.
-            super().download(task, default_ext, timeout, max_retry, overwrite=True, **kwargs)
-
-    def keep_file(self, task, response, **kwargs):
-        task["stored_as"] = None
-        try:
-            opened = super().keep_file(task, response, **kwargs)
-        except Exception:  # Pillow raises more than OSError (e.g. DecompressionBombError): never kill the thread
-            opened = False
-        if opened:
-            task["stored_as"] = self.storage.stage(task["file_url"], response.content)
+            return
+        if self.storage.seen(url):
+            return
+        for _ in range(max_retry):  # as icrawler: a failed connection or read is tried again
+            if self.signal.get("reach_max_num"):
+                return
+            try:
+                status, body = fetch(self.session, url, timeout, max_bytes, seconds)
+                break
+            except DownloadRefused as e:
+                log.info("dropped %s: %s", url, e)
+                self.storage.reject(url)
+                return
+            except (requests.RequestException, OSError) as e:  # urllib3 errors come wrapped or as OSError
+                log.info("could not download %s: %s", url, e)
         else:
-            self.storage.reject(task["file_url"])
-        return task["stored_as"] is not None
-
-    def get_filename(self, task, default_ext):
-        return task["stored_as"]
+            return
+        if status != 200:
+            log.info("status %d for %s", status, url)
+            return
+        name = self.storage.stage(url, body)
+        if name is None:
+            return
+        with self.lock:
+            self.fetched_num += 1
+        self.storage.write(name, body)
+        task["success"], task["filename"] = True, name
+        if self.reach_max_num():
+            self.signal.set(reach_max_num=True)
 
 
 def _tolerant(parse):
@@ -306,7 +350,8 @@ def crawl_name(name, raw_dir, engine="bing", max_per_name=50, threads=4, timeout
     Crawler.crawl(crawler, feeder_kwargs=dict(keyword=name, offset=0, max_num=min(MAX_RESULTS, 2 * max_per_name)),
                   parser_kwargs=dict(queue_timeout=t["parser_queue"], req_timeout=t["request"]),
                   downloader_kwargs=dict(max_num=max_per_name - had, queue_timeout=t["queue"],
-                                         req_timeout=t["request"]))
+                                         req_timeout=t["request"], max_bytes=MAX_DOWNLOAD_BYTES,
+                                         seconds=DOWNLOAD_SECONDS))
     crawler.signal.set(reach_max_num=True)  # parser threads still paging through results stop too
     shutil.rmtree(staging, ignore_errors=True)
     return had, count_images(folder)

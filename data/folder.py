@@ -71,8 +71,18 @@ def stratified_split(labels, val_fraction, seed):
     return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
 
 
-def load_image_folder(root, image_size=(64, 64), val_fraction=0.2, seed=0):
-    """Read an image folder and split it: see FolderData."""
-    x, y, class_names, skipped = read_folder(root, image_size)
+def skipped_report(skipped, shown=3):
+    """One line for the unreadable files of a FolderData: their count and the first reasons (each names its file)."""
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"skipped {len(skipped)} unreadable file(s): {'; '.join(reason for _, reason in skipped[:shown])}{more}"
+
+
+def load_image_folder(root, image_size=(64, 64), val_fraction=0.2, seed=0, warn=True):
+    """Read an image folder and split it: see FolderData. warn=False leaves the unreadable files to the caller
+    (FolderData.skipped, skipped_report) instead of a Python warning."""
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", UserWarning)
+        x, y, class_names, skipped = read_folder(root, image_size)
     train, val = stratified_split(y, val_fraction, seed)
     return FolderData(x[train], y[train], x[val], y[val], class_names, skipped)

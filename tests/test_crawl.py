@@ -5,6 +5,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -258,3 +259,68 @@ def test_errors_are_one_line_without_traceback(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_endless_or_trickling_response_is_refused_in_bounded_memory_and_time(site, tmp_path, monkeypatch):
+    """requests' timeout bounds each read, not the download: a server sending without end (no
+    Content-Length) was read whole into memory, and one trickling a byte at a time held its thread
+    for as long as it liked (40 bytes at 4 a second: 10 s a try, 3 tries). Both are now cut off at
+    MAX_DOWNLOAD_BYTES and DOWNLOAD_SECONDS, recorded as refused and not asked for again; the good
+    picture beside them is stored."""
+    monkeypatch.setattr(crawl, "MAX_DOWNLOAD_BYTES", 2**20, raising=False)
+    monkeypatch.setattr(crawl, "DOWNLOAD_SECONDS", 1.0, raising=False)
+    sent, serve = Counter(), site.serve
+
+    def hostile(handler):
+        path = urlsplit(handler.path).path
+        if path not in ("/endless.png", "/trickle.png"):
+            return serve(handler)
+        with site.lock:
+            site.hits[path] += 1
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        if path == "/trickle.png":
+            handler.send_header("Content-Length", "80")
+        handler.end_headers()
+        try:
+            for _ in range(80 if path == "/trickle.png" else 200):  # 200 MiB, or 80 bytes over 20 s
+                chunk = b"\x89" if path == "/trickle.png" else picture(0)[:16] + bytes(2**20 - 16)
+                handler.wfile.write(chunk)
+                handler.wfile.flush()
+                sent[path] += len(chunk)
+                if path == "/trickle.png":
+                    time.sleep(0.25)
+        except OSError:  # the crawler hung up: what it should do
+            pass
+
+    monkeypatch.setattr(site, "serve", hostile)
+    name, raw = "n", tmp_path / "raw"
+    site.results[name] = ["/endless.png", "/trickle.png"]
+    site.add(name, "/ok.png", picture(7))
+    start = time.monotonic()
+    rows = crawl.crawl_names([name], raw, "loopback", max_per_name=3, timeouts=FAST)
+    assert time.monotonic() - start < 10
+    assert rows == [(name, name, 0, 1)] and stored(raw / name) == [f"{key(picture(7))}.png"]
+    assert sent["/endless.png"] < 40 * 2**20, sent  # socket buffers aside, it stopped near the 1 MiB limit
+    sources = crawl.read_sources(raw / crawl.STATE / "sources" / f"{name}.tsv")
+    assert sources[site.url + "/endless.png"] == sources[site.url + "/trickle.png"] == "-"
+    site.hits.clear()
+    crawl.crawl_names([name], raw, "loopback", max_per_name=3, timeouts=FAST)
+    assert site.hits["/endless.png"] == site.hits["/trickle.png"] == 0, site.hits
+
+
+def test_a_jpeg_over_twice_the_pixel_limit_is_stored_as_read_image_reads_it(tmp_path, monkeypatch):
+    """read_image reads such a JPEG in draft mode; naming it by its format must not open it with
+    Image.open, which raises DecompressionBombError (in a downloader thread: a traceback, no picture)."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 64 * 64)
+    data = picture(3, "JPEG")
+    big = io.BytesIO()
+    PILImage.open(io.BytesIO(data)).resize((256, 192)).save(big, format="JPEG")
+    store = crawl.FolderStore(tmp_path / "n", tmp_path / "staging", tmp_path / "sources.tsv", limit=5)
+    (tmp_path / "staging").mkdir()
+    name = store.stage("http://127.0.0.1/big.jpg", big.getvalue())
+    assert name == f"{key(big.getvalue())}.jpg"
+    store.write(name, big.getvalue())
+    assert stored(tmp_path / "n") == [name]

@@ -250,6 +250,29 @@ def test_bootstrap_level_is_95_percent():
     assert ev.BOOTSTRAP == 1000
 
 
+def test_the_time_interval_resamples_the_chunks_that_were_timed(monkeypatch):
+    """ms / image is measured per chunk of images, each image getting its chunk's time: 2 chunks of 8
+    images timed at 1 and 3 ms a picture. Resampling the 2 chunks gives a mean of 1, 2 or 3 ms with
+    chances 1/4, 1/2, 1/4: the 95 % interval is [1, 3]. Resampling the 16 images as if independent
+    gave about [1.5, 2.5], an interval sqrt(8) times too narrow for what was measured."""
+    values = np.repeat([1.0, 3.0], 8)
+    assert ev.chunk_bootstrap_ci(values, 8) == [1.0, 3.0]
+    assert ev.chunk_bootstrap_ci(values, 16) == [1.0, 1.0]  # one chunk: one measurement
+    low, high = ev.chunk_bootstrap_ci(np.repeat([1.0, 3.0, 2.0], [8, 8, 4]), 8)  # a last, smaller chunk weighs less
+    assert low == 1.0 and high == 3.0
+    assert ev.chunk_bootstrap_ci(values, 1) == ev.bootstrap_ci(values)  # chunks of one image: the images
+
+    def timed(method, model, images, targets, layer=None, batch_size=256, chunk=ev.TIME_CHUNK):
+        return np.zeros(images.shape[:3], np.float32), np.repeat([0.001, 0.003], len(images) // 2)
+
+    monkeypatch.setattr(ev, "TIME_CHUNK", 8)
+    monkeypatch.setattr(ev, "explain_timed", timed)
+    images = np.random.default_rng(0).uniform(0, 255, (16, S, S, 3)).astype(np.float32)
+    result = ev.evaluate(brightness_model(), images, names=["random"], steps=1, sanity_n=0)["methods"]["random"]
+    assert result["ms_per_image"] == pytest.approx(2.0)
+    assert result["ms_per_image_ci"] == pytest.approx([1.0, 3.0])
+
+
 def test_spearman():
     a = np.random.default_rng(0).random((3, 5, 5))
     assert ev.spearman(a, a) == pytest.approx([1, 1, 1])
@@ -317,6 +340,76 @@ def test_sanity_check_decorrelates_and_the_floors_do_not():
         assert out[name]["conv1"].mean() < 0.5
     for name in ("random", "center"):
         assert all(np.allclose(v, 1) for v in out[name].values())
+
+
+def nested_backbone_model(seed=0):
+    """An adapted Normalization, then a nested backbone of two conv + BatchNorm blocks, then a head:
+    the transfer-learning shape of model, whose trained BatchNorm variances are not 1."""
+    keras.utils.set_random_seed(seed)
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(seed).uniform(0, 255, (8, S, S, 3)).astype(np.float32))
+    backbone = keras.Sequential([keras.Input((S, S, 3)),
+                                 keras.layers.Conv2D(8, 3, padding="same", name="c1"),
+                                 keras.layers.BatchNormalization(name="bn1"), keras.layers.Activation("relu"),
+                                 keras.layers.Conv2D(8, 3, padding="same", name="c2"),
+                                 keras.layers.BatchNormalization(name="bn2"), keras.layers.Activation("relu")],
+                                name="backbone")
+    inp = keras.Input((S, S, 3))
+    x = keras.layers.GlobalAveragePooling2D()(backbone(norm(inp)))
+    model = keras.Model(inp, keras.layers.Dense(3, name="logits")(x))
+    for bn in ("bn1", "bn2"):
+        layer = backbone.get_layer(bn)
+        layer.moving_variance.assign(np.full(8, 2.0, np.float32))
+    return model
+
+
+def test_the_cascade_goes_through_a_nested_backbone_layer_by_layer_and_stays_finite():
+    """A nested backbone was one step (every conv of it at once), and its layers' weights, having no
+    initializer on the backbone, were drawn from N(0, 0.05): negative BatchNorm variances, a NaN
+    model, whose constant maps read as a perfect decorrelation (Spearman 0). An adapted
+    Normalization's variance met the same fate. Now each inner layer is a step with its own
+    initializer (variance 1), the Normalization is left alone, and every randomised copy predicts."""
+    model = nested_backbone_model()
+    groups = ev.layer_groups(model)
+    assert [g for g, _ in groups] == ["logits", "backbone/c2", "backbone/c1"]
+    assert [layer.name for layer in dict(groups)["backbone/c2"]] == ["c2", "bn2"]
+    images = np.random.default_rng(1).uniform(0, 255, (4, S, S, 3)).astype(np.float32)
+    before = [w.copy() for w in model.get_weights()]
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for g, (_, layers) in enumerate(ev.layer_groups(copy)):
+        for j, layer in enumerate(layers):
+            ev.reinitialise(layer, g * 100 + j * 10)
+        assert np.isfinite(ev.predict(copy, images)).all()
+    assert np.array_equal(copy.get_layer("backbone").get_layer("bn1").moving_variance.numpy(), np.ones(8))
+    assert np.array_equal(copy.get_layer("norm").get_weights()[1], model.get_layer("norm").get_weights()[1])
+    targets = ev.predict(model, images).argmax(1)
+    out = ev.sanity_check(model, images, ev.method_functions(["gradcam", "random"]), targets)
+    assert list(out["gradcam"]) == ["logits", "backbone/c2", "backbone/c1"]
+    assert all(np.allclose(v, 1) for v in out["random"].values())
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the original is untouched
+
+
+def test_the_sanity_check_runs_on_a_random_part_of_the_sample_not_its_first_pictures(monkeypatch):
+    """The sample is sorted by index and the splits are ordered by class, so its first 50 pictures are
+    the first class's (all 50 were airplanes in the README's CIFAR-10 run). Picture i here is filled
+    with the value i: the sanity check gets sanity_sample's pictures, spread over the whole sample."""
+    seen = {}
+
+    def record(model, images, methods, targets, layer=None, batch_size=256, seed=0):
+        seen["values"] = images[:, 0, 0, 0].round().astype(int).tolist()
+        return {name: {"logits": np.ones(len(images))} for name in methods}
+
+    monkeypatch.setattr(ev, "sanity_check", record)
+    images = np.repeat(np.arange(40, dtype=np.float32), S * S * 3).reshape(40, S, S, 3)
+    labels = np.repeat(np.arange(4), 10)  # as a class-ordered split: 10 pictures a class
+    result = ev.evaluate(brightness_model(), images, names=["random"], steps=1, sanity_n=8, seed=2)
+    pick = ev.sanity_sample(40, 8, seed=2)
+    assert seen["values"] == pick.tolist() and pick.tolist() != list(range(8))
+    assert len(set(labels[pick])) > 1 and result["sanity_images"] == 8
+    assert ev.sanity_sample(40, 100).tolist() == list(range(40))  # at most the whole sample
+    first = ev.sanity_sample(1000, 50, seed=0)
+    assert len(set(np.repeat(np.arange(10), 100)[first])) >= 8  # CIFAR-10's 10 classes x 100: nearly all
 
 
 # ---------------------------------------------------------------- command line
@@ -473,6 +566,24 @@ def test_folder_split_comes_from_the_options_json_beside_the_model(split_folder,
     assert sample["split_from"] == {"val_split": "--val-split", "split_seed": "--split-seed"}
 
 
+def test_unreadable_files_in_the_folder_are_one_line_not_a_python_warning(split_folder, tmp_path, capsys):
+    """An unreadable file in a class folder came out as Python's two-line UserWarning pointing into
+    data/folder.py; it is one line naming the file, as train.py prints it, and the count is recorded."""
+    import shutil
+    import warnings
+
+    data = tmp_path / "data"
+    shutil.copytree(split_folder / "data", data)
+    (data / "cat" / "broken.png").write_bytes(b"not a picture")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample, _ = folder_sample(split_folder / "bright.keras", data)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"skipped 1 unreadable file(s): {data / 'cat' / 'broken.png'}: not an image or an unsupported format" in err
+    assert sample["skipped_files"] == 1 and sample["of"] == 4
+
+
 def test_a_folder_split_without_held_out_pictures_or_of_another_run_is_refused(split_folder, capsys):
     every = run_dir(split_folder, "every", val_split=0.0)
     with pytest.raises(SystemExit) as e:
@@ -527,7 +638,7 @@ def test_a_layer_path_runs_in_the_model_and_in_its_randomised_copy(split_folder,
              str(split_folder / "data"), "--layer", "/conv", "--methods", "gradcam", "--sanity-n", "2",
              "--steps", "4", "--json", str(out)])
     results = json.loads(out.read_text())
-    assert results["sample"]["layer"] == "/conv" and results["sanity_layers"][-1] == "backbone"
+    assert results["sample"]["layer"] == "/conv" and results["sanity_layers"][-2:] == ["conv", "backbone/conv"]
     assert set(results["methods"]["gradcam"]["sanity_spearman"]) == set(results["sanity_layers"])
 
 

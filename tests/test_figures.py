@@ -52,13 +52,10 @@ def test_only_characters_without_characters_dir_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_character_figures_of_a_run_without_validation_skip_only_the_confusion_matrix(tmp_path, monkeypatch,
-                                                                                      capsys):
-    import json
-
+def tiny_character_model_and_faces(tmp_path):
+    """tmp_path/models/characters.keras (16x16, classes a and b) and tmp_path/faces/{a,b}/ with 5 pictures each."""
     import keras
 
-    import figures
     from model import save_model
 
     keras.utils.set_random_seed(0)
@@ -70,6 +67,15 @@ def test_character_figures_of_a_run_without_validation_skip_only_the_confusion_m
     for name in ("a", "b"):
         for i in range(5):
             write_image(tmp_path / "faces" / name / f"{i}.png", rng.integers(0, 256, (16, 16, 3), np.uint8))
+
+
+def test_character_figures_of_a_run_without_validation_skip_only_the_confusion_matrix(tmp_path, monkeypatch,
+                                                                                      capsys):
+    import json
+
+    import figures
+
+    tiny_character_model_and_faces(tmp_path)
     monkeypatch.setattr(figures, "MODELS", tmp_path / "models")
     argv = ["--only", "characters", "--characters-dir", str(tmp_path / "faces"), "--skip-eval"]
     for accuracy, confusion in ((None, False), (0.5, True)):  # --val-split 0 writes validation_accuracy null
@@ -82,3 +88,22 @@ def test_character_figures_of_a_run_without_validation_skip_only_the_confusion_m
         assert {"characters_layers_1.png", "characters_layers_2.png"} <= {p.name for p in out.iterdir()}
         assert (out / "characters_confusion.png").is_file() == confusion
         assert ("skipping characters_confusion.png" in printed.err) != confusion, printed.err
+
+
+def test_an_unreadable_file_in_the_characters_folder_is_one_line_not_a_python_warning(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """load_image_folder's UserWarning (two lines pointing into data/folder.py) became one line naming the file."""
+    import warnings
+
+    import figures
+
+    tiny_character_model_and_faces(tmp_path)
+    (tmp_path / "faces" / "a" / "broken.png").write_bytes(b"not a picture")
+    monkeypatch.setattr(figures, "MODELS", tmp_path / "models")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures.main(["--only", "characters", "--characters-dir", str(tmp_path / "faces"), "--skip-eval",
+                      "--out", str(tmp_path / "out")])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    err = capsys.readouterr().err
+    assert f"skipped 1 unreadable file(s): {tmp_path / 'faces' / 'a' / 'broken.png'}: not an image" in err, err

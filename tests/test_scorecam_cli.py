@@ -105,8 +105,9 @@ def test_unknown_layer_unknown_class_and_bad_model(tmp_path, tiny_model_path, ca
                            (["--layer", "fc1"], "needs a 4-D"),
                            (["--class", "unicorn"], "unknown --class 'unicorn'")):
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            scorecam.main([str(image), "--model", str(tiny_model_path), "--out", str(tmp_path / "o"), *extra])
+        with pytest.raises(SystemExit) as e:  # two pictures: still one line, before either is read
+            scorecam.main([str(image), str(image), "--model", str(tiny_model_path), "--out", str(tmp_path / "o"),
+                           *extra])
         stderr = capsys.readouterr().err + (e.value.code + "\n" if isinstance(e.value.code, str) else "")
         assert e.value.code not in (0, None) and message in stderr, stderr
         assert_one_line_errors(stderr, 1)
@@ -256,3 +257,36 @@ def test_figure_label_names_the_channels_used(tmp_path, monkeypatch, method, max
                                atol=1e-6)
     if used:  # the channels used change the map: a wrong max_n would not pass unseen
         assert not np.allclose(drawn["heat"], scorecam.score_cam(model, x, precision="float32")[0], atol=1e-3)
+
+
+def test_folder_through_a_model_of_any_input_size_explains_each_picture_at_its_own_size(tmp_path):
+    """An any-size model has no one size to batch the folder at: each picture is explained at its own size
+    (as IMAGE arguments are), and --devices, which shards batches, is one error line."""
+    import keras
+
+    import plots
+    import scorecam
+    from data.images import read_image
+    from model import save_model
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(keras.layers.Rescaling(1 / 255)(inp))
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    save_model(model, tmp_path / "any.keras", ["a", "b", "c"])
+    sizes = {"wide": (30, 44), "square": (33, 33), "tall": (40, 18)}
+    for name, size in sizes.items():
+        picture(tmp_path / "pics", f"{name}.png", size)
+    r = run_cli("scorecam.py", "--folder", tmp_path / "pics", "--model", tmp_path / "any.keras", "--precision",
+                "float32", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    for name, size in sizes.items():
+        image = read_image(tmp_path / "pics" / f"{name}.png")
+        heat = scorecam.score_cam(model, image[None].astype(np.float32), precision="float32")[0]
+        written = np.asarray(Image.open(tmp_path / "out" / f"{name}_scorecam.png"))
+        assert written.shape == size + (3,) and heat.shape == size
+        assert np.abs(written.astype(int) - plots.overlay(image, heat)).max() <= 1
+    r = run_cli("scorecam.py", "--folder", tmp_path / "pics", "--model", tmp_path / "any.keras", "--devices", "1",
+                "--out", tmp_path / "out2")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --devices needs a model with a fixed input size (this "
+                                                      "one explains each picture at its own size, one at a time)")
