@@ -31,6 +31,12 @@ import keras
 import numpy as np
 
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
+# A batch through the network holds its pictures at the input size and the activations for all of them, so
+# its memory grows with batch x H x W: every method caps a batch at PIXEL_BUDGET pixels, Score-CAM's default
+# 256 masked pictures at ImageNet's 224 x 224, which leaves 32 x 32 to 224 x 224 inputs their full batch and
+# lets a model that takes any size explain a 12-megapixel photo a picture at a time instead of running out
+# of memory.
+PIXEL_BUDGET = 256 * 224 * 224
 
 # ---------------------------------------------------------------- the method registry
 

@@ -19,13 +19,15 @@ CENTER_SIGMA = 0.25  # the centre floor's Gaussian sigma, as a fraction of the s
 
 
 def _gradient_cam(model, images, weigh, layer, class_index, batch_size):
-    """ReLU(sum_k w_k A_k) with w = weigh(A, dS/dA), batch by batch, upsampled bilinearly and normalised."""
+    """ReLU(sum_k w_k A_k) with w = weigh(A, dS/dA), batch by batch (at most cam.PIXEL_BUDGET pixels a batch),
+    upsampled bilinearly and normalised."""
     images = cam.check_images(model, images)
     ref = cam.find_layer(model, layer)
     targets = np.full(len(images), -1, np.int64) if class_index is None else \
         cam.target_classes(class_index, np.zeros((len(images), cam.num_classes(model))))
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int of at least 1, got {batch_size!r}")
+    batch_size = min(batch_size, max(1, cam.PIXEL_BUDGET // int(np.prod(images.shape[1:3]))))
     maps = []
     for start in range(0, len(images), batch_size):
         acts, grads = cam.layer_gradients(model, ref, images[start:start + batch_size],

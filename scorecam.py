@@ -192,11 +192,7 @@ def resolve_precision(precision, model=None, layers=None, images=None, batch_siz
 # least 16), so a compiler that specialises on shapes (XLA, JAX) compiles a handful of programs.
 
 _TAIL_MIN = 16
-# A masked batch holds its pictures at the input size and the network's activations for all of them, so
-# its memory grows with batch x H x W: a batch is capped at PIXEL_BUDGET pixels, the default batch of 256
-# at ImageNet's 224 x 224, which leaves 32 x 32 to 224 x 224 inputs their full batch and lets a model that
-# takes any size explain a 12-megapixel photo one masked picture at a time instead of running out of memory.
-PIXEL_BUDGET = 256 * 224 * 224
+# A masked batch is capped at cam.PIXEL_BUDGET pixels (see there).
 
 
 class MaskedScores(keras.Model):
@@ -318,7 +314,7 @@ class _Explainer:
         """batch_size (and the chunk it sets) lowered to PIXEL_BUDGET pixels a masked batch for the images'
         size, kept a multiple of the devices; the maps do not change, only how many pictures a step runs."""
         k = len(self.devices)
-        fits = max(k, PIXEL_BUDGET // int(np.prod(self.size)) // k * k)
+        fits = max(k, cam.PIXEL_BUDGET // int(np.prod(self.size)) // k * k)
         if fits < self.batch_size:
             self.batch_size = fits
             if not self.chunk_given:
@@ -535,7 +531,7 @@ def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n
     layer: a name, path or Layer (None: the last conv layer), see cam.find_layer. class_index: None
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
     only the max_n channels of largest spatial standard deviation (None or 0: every channel).
-    batch_size: masked images a forward pass, at most PIXEL_BUDGET pixels in all (fewer, for pictures
+    batch_size: masked images a forward pass, at most cam.PIXEL_BUDGET pixels in all (fewer, for pictures
     larger than 224 x 224, so memory stays bounded). precision: "float32", "bfloat16" (a bfloat16 copy of the model does the forward passes) or "auto"
     (measured: auto_precision).
     devices: None (one device), a count, "all" or device names: the masked batches are sharded over

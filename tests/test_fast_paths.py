@@ -7,6 +7,7 @@ from PIL import Image
 import runtime  # noqa: F401
 import keras
 
+import cam
 import scorecam
 from cam import pearson
 from conftest import run_cli, write_image
@@ -93,13 +94,13 @@ def test_pictures_over_the_pixel_budget_are_scored_in_smaller_batches_with_the_s
         return original(self, inputs)
 
     monkeypatch.setattr(scorecam.MaskedScores, "predict_on_batch", recording)
-    monkeypatch.setattr(scorecam, "PIXEL_BUDGET", 3 * pixels + pixels // 2)
+    monkeypatch.setattr(cam, "PIXEL_BUDGET", 3 * pixels + pixels // 2)
     capped, _ = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
     assert runs and max(runs) == 3
     for key in plain:
         np.testing.assert_allclose(capped[key], plain[key], atol=1e-5)
     runs.clear()
-    monkeypatch.setattr(scorecam, "PIXEL_BUDGET", 256 * pixels)  # within the budget: the batch asked for
+    monkeypatch.setattr(cam, "PIXEL_BUDGET", 256 * pixels)  # within the budget: the batch asked for
     score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
     assert max(runs) == 16
 
