@@ -6,6 +6,7 @@ from C++ before its logging is configured, so only silencing file descriptor 2 w
 hides them; real import errors still raise normally. An unknown backend name ends the program
 with one `error:` line instead of Keras's traceback.
 """
+import logging
 import os
 import sys
 
@@ -34,6 +35,9 @@ def _import_quietly():
 
 
 _import_quietly()
+# TensorFlow's Python-side warnings (its "triggered tf.function retracing" notice, printed when pictures of
+# several sizes go through one model) to errors only, as TF_CPP_MIN_LOG_LEVEL does for its C++ side.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def resolve_devices(spec):

@@ -154,3 +154,14 @@ def test_start_up_is_quiet_on_both_backends(backend):
     r = run_python("import runtime, keras\nkeras.utils.set_random_seed(0)\nprint(keras.backend.backend())",
                    {"KERAS_BACKEND": backend})
     assert r.returncode == 0 and r.stdout.strip() == backend and r.stderr == ""
+
+
+def test_many_models_predicting_print_no_tensorflow_retracing_notice():
+    """Every figure and --folder of an any-size model builds or feeds models many times: TensorFlow's Python
+    logger would print "triggered tf.function retracing" from the sixth call on; runtime keeps it to errors."""
+    code = ("import runtime, keras, numpy as np\n"
+            "for _ in range(8):\n"
+            "    m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])\n"
+            "    m.predict(np.zeros((1, 8, 8, 3)), verbose=0)\n")
+    r = run_python(code, {"KERAS_BACKEND": "tensorflow"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
