@@ -291,12 +291,10 @@ def memory_child(n, seed):
 def machine():
     from importlib import metadata
 
-    cpu = platform.processor()
+    cpu = runtime.cpu_name()
     flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and (not cpu or cpu == platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
     except OSError:

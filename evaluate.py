@@ -40,12 +40,11 @@ import inspect
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
+import runtime  # noqa: E402  (before keras: quiet TensorFlow start-up)
 import cv2
 import keras
 import numpy as np
@@ -362,6 +361,8 @@ def markdown_report(results):
     what = (f"{sample.get('n', '?')} images of the {sample.get('dataset', '?')} {sample.get('split', '')} split, "
             f"seed {sample.get('seed', '?')}, layer {sample.get('layer', '?')}; mean [95 % bootstrap CI]. "
             "*paper*: Score-CAM (Wang et al. 2020) on ImageNet with VGG16, for reference only.")
+    machine = results.get("settings", {}).get("machine")
+    what += f" ms / image on {machine}." if machine else ""
     out = [_table(["Method"] + list(METRICS.values()), rows), "", what]
     layers = results.get("sanity_layers") or []
     sane = [n for n in methods if "sanity_spearman" in methods[n]]
@@ -369,7 +370,9 @@ def markdown_report(results):
         rows = [[f"down to {g}"] + [f"{methods[n]['sanity_spearman'][g]:.2f}" for n in sane] for g in layers]
         out += ["", _table(["Randomised"] + [methods[n].get("label", n) for n in sane], rows), "",
                 f"Sanity check: mean Spearman correlation of trained vs randomised maps, "
-                f"{results.get('sanity_images', '?')} images (1 = unchanged by randomisation)."]
+                f"{results.get('sanity_images', '?')} images"
+                f"{' drawn at random from the sample' if 'sanity_sampling' in results else ''}"
+                " (1 = unchanged by randomisation)."]
     return "\n".join(out)
 
 
@@ -509,7 +512,7 @@ def run(args):
     results = {"sample": sample, "settings": {
         "steps": args.steps, "blur_sigma": args.blur_sigma, "batch_size": args.batch_size,
         "bootstrap_resamples": BOOTSTRAP, "confidence": 0.95, "time_chunk": TIME_CHUNK,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, keras "
+        "machine": f"{runtime.cpu_name()}, {os.cpu_count()} cores, keras "
                    f"{keras.__version__} ({keras.backend.backend()})"}, **results}
     print(markdown_report(results))
     if args.json:

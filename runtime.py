@@ -74,3 +74,20 @@ def resolve_devices(spec):
     else:
         raise ValueError(f"devices must be a count of at least 1, 'all' or device names, got {spec!r}")
     return chosen
+
+
+def cpu_name():
+    """The CPU's model name ("AMD EPYC 7B13"), from /proc/cpuinfo where platform.processor() gives only the
+    architecture; timings name it, since machines of one kind differ."""
+    import platform
+
+    cpu = platform.processor()
+    if cpu and cpu != platform.machine():
+        return cpu
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu or platform.machine()

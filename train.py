@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -574,7 +573,7 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
     results = {f"{val_name}_accuracy": accuracy, f"{val_name}_images": int(len(y_val)),
                f"{val_name}_accuracy_mirror_averaged": mirrored, "epochs": int(args.epochs),
                "wall_seconds_this_session": round(seconds, 1),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "machine": f"{runtime.cpu_name()}, {os.cpu_count()} cores",
                "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
                "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
                "backend": keras.backend.backend(),

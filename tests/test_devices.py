@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,18 @@ def test_many_models_predicting_print_no_tensorflow_retracing_notice():
             "    m.predict(np.zeros((1, 8, 8, 3)), verbose=0)\n")
     r = run_python(code, {"KERAS_BACKEND": "tensorflow"})
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_cpu_name_is_the_model_name_not_the_architecture(monkeypatch):
+    """platform.processor() is "x86_64" or empty on Linux: the name comes from /proc/cpuinfo there."""
+    import platform
+
+    import runtime
+
+    monkeypatch.setattr(platform, "processor", lambda: platform.machine())
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    assert runtime.cpu_name() == (names[0] if names else platform.machine())
+    monkeypatch.setattr(platform, "processor", lambda: "Intel64 Family 6 Model 85")  # Windows, macOS
+    assert runtime.cpu_name() == "Intel64 Family 6 Model 85"

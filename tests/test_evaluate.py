@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import runtime  # noqa: E402,F401
+import runtime  # noqa: E402
 import keras  # noqa: E402
 
 import evaluate as ev  # noqa: E402
@@ -448,6 +448,7 @@ def test_cli_writes_json_and_figure(cli_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert list(results["methods"]) == list(ev.METHODS)
+    assert results["settings"]["machine"].startswith(runtime.cpu_name() + ", ")  # timings name their CPU
     for m in results["methods"].values():
         for key in ev.METRICS:
             low, high = m[f"{key}_ci"]
@@ -467,6 +468,7 @@ def test_markdown_from_json(cli_run, capsys):
     assert text.startswith("| Method") and "Grad-CAM++" in text and "random floor" in text
     assert "| *paper: Score-CAM*" in text and "31.5" in text and "0.386" in text
     assert "down to conv1" in text
+    assert f"ms / image on {runtime.cpu_name()}, " in text and "2 images drawn at random from the sample" in text
 
 
 SPLIT_SEED = 3

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+import runtime
 import train
 from conftest import ROOT, run_cli
 from model import load_model
@@ -71,6 +72,7 @@ def test_one_epoch_writes_every_output(color_folder, tmp_path):
     assert 0 <= results["validation_accuracy"] <= 1 and results["validation_images"] == 6
     assert 0 <= results["validation_accuracy_mirror_averaged"] <= 1
     assert results["backend"] == keras.backend.backend() and results["devices"]  # where the accuracy was measured
+    assert results["machine"].startswith(runtime.cpu_name() + ", ")
     assert history_epochs(run) == [0]
 
 
