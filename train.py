@@ -171,6 +171,24 @@ class SaveBest(keras.callbacks.Callback):
                 save_model(self.model, self.path, self.class_names, self.display_names)
 
 
+class LiveValidation(keras.callbacks.Callback):
+    """With an average of the weights, also the live weights' validation, logged as val_loss_live and
+    val_accuracy_live beside the average's val_loss and val_accuracy. Keras keeps the average beside the
+    live weights and never feeds it back, so the live weights train exactly as a run without an average
+    would: one run measures its recipe with and without averaging, on the same trajectory."""
+
+    def __init__(self, val, batch_size):
+        super().__init__()
+        self.val, self.batch_size = val, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        x, y = self.val if isinstance(self.val, tuple) else (self.val, None)
+        scores = self.model.evaluate(x, y, batch_size=self.batch_size if y is not None else None, verbose=0,
+                                     return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{k}_live": float(v) for k, v in scores.items()})
+
+
 @contextlib.contextmanager
 def averaged_weights(swap):
     """The optimizer's moving averages in the model's trainable weights for the block, the live weights
@@ -526,8 +544,13 @@ def fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, mul
     # of the live ones. Validation measures exactly that pairing, so any harm shows in the accuracy a run is
     # chosen on; and at the end of a one-cycle schedule the weights hardly move, so the two agree.
     averaged = keras.callbacks.SwapEMAWeights() if args.ema_momentum else None
+    val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names))) if len(x_val) else None
+    if val is not None and multiple > 1:
+        val = ShardableBatches(x_val, y_val, len(names), args.batch_size, multiple)
     callbacks = [
         *([averaged] if averaged is not None else []),  # first: the average is in place for validation
+        # then the live weights' validation (back in place after it), before the history writes the logs
+        *([LiveValidation(val, args.batch_size)] if averaged is not None and val is not None else []),
         HistoryCSV(history_csv),
         # Keep the best validation model; for CIFAR-10 the validation set is the test split, so keep the last
         # epoch instead of choosing on the test set (and without validation images, the last one too).
@@ -537,9 +560,6 @@ def fit(args, run, x_train, y_train, x_val, y_val, names, display, val_name, mul
         *extra_callbacks,
     ]
     start = time.time()
-    val = (x_val.astype("float32"), keras.utils.to_categorical(y_val, len(names))) if len(x_val) else None
-    if val is not None and multiple > 1:
-        val = ShardableBatches(x_val, y_val, len(names), args.batch_size, multiple)
     # shuffle=False: EpochBatches already shuffles, as a pure function of (seed, epoch); Keras would also
     # shuffle the batch order with Python's global random state, which a resumed process does not share.
     model.fit(batches, validation_data=val, epochs=args.epochs, callbacks=callbacks, shuffle=False,

@@ -237,6 +237,10 @@ def test_with_averaging_the_saved_and_validated_model_is_the_average(color_folde
     live_loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(
         np.eye(3)[y_val], live.predict(x_val.astype("float32"), verbose=0))
     assert abs(float(live_loss) - logged["val_loss"]) > 1e-4, "validated with the live weights"
+    # ... and the live weights' validation is logged beside it (the recipe without averaging, same trajectory)
+    assert logged["val_loss_live"] == pytest.approx(float(live_loss), rel=1e-5)
+    live_accuracy = float((live.predict(x_val.astype("float32"), verbose=0).argmax(1) == y_val).mean())
+    assert logged["val_accuracy_live"] == pytest.approx(live_accuracy)
     results = json.loads((run / "results.json").read_text())
     assert results["recipe"]["ema_momentum"] == 0.9 and results["recipe"]["mix"] == "cutmix"
     assert results["validation_accuracy"] == pytest.approx(logged["val_accuracy"])
