@@ -81,8 +81,9 @@ def curves(history_csv, title, prefix, out):
 
 
 def schedule_figure(runs_dir, path):
-    """Test accuracy of the recipe runs in runs_dir/runs.json's panels (histories NAME.history.csv, where NAME
-    starts with epochsNNN, the planned length: a run stopped short says where)."""
+    """Accuracy of the recipe runs in runs_dir/runs.json's panels (histories NAME.history.csv, where NAME
+    starts with epochsNNN, the planned length: a run stopped short says where). A panel plots its "column"
+    (default val_accuracy) under its "ylabel" (default test accuracy: runs validated on the test split)."""
     manifest = runs_dir / "runs.json"
     if not manifest.is_file():
         return
@@ -93,7 +94,8 @@ def schedule_figure(runs_dir, path):
             history = read_history(runs_dir / f"{name}.history.csv")
             planned, done = int(re.match(r"epochs(\d+)", name).group(1)), int(history["epoch"][-1])
             histories[label + ("" if done >= planned else f" (stopped at {done})")] = history
-        panels.append((panel["title"], histories))
+        panels.append((panel["title"], histories, panel.get("column", "val_accuracy"),
+                       panel.get("ylabel", "test accuracy")))
     schedule_comparison(panels, path, title="CIFAR-10: one-cycle recipe runs", ymin=0.6)
 
 

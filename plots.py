@@ -61,18 +61,20 @@ def learning_curves(history, out_dir, title="", prefix=""):
 
 
 def schedule_comparison(panels, path, title="", ymin=None):
-    """Validation accuracy per epoch of several runs, one plot per panel: [(panel title, {label: history})] -> PNG.
+    """Accuracy per epoch of several runs, one plot per panel: [(panel title, {label: history}, column, axis
+    label)] -> PNG; column is the history's column plotted (val_accuracy, the validation data the run was
+    given), axis label says what that data was (the test split, or pictures held out of training).
 
     The panels share the accuracy axis, so runs in different panels compare at a glance."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True, squeeze=False)
-    for ax, (panel_title, histories) in zip(axes[0], panels):
+    for ax, (panel_title, histories, column, ylabel) in zip(axes[0], panels):
         for label, history in histories.items():
-            ax.plot(history["epoch"], history["val_accuracy"], label=label, linewidth=1.2)
+            ax.plot(history["epoch"], history[column], label=label, linewidth=1.2)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    axes[0, 0].set_ylabel("test accuracy")
     axes[0, 0].set_ylim(bottom=ymin)  # the early epochs' spread would squeeze the endings that matter
     fig.suptitle(title)
     save_figure(fig, path)
