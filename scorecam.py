@@ -311,7 +311,7 @@ class _Explainer:
         yield from self._finished()
 
     def _fit_batch(self):
-        """batch_size (and the chunk it sets) lowered to PIXEL_BUDGET pixels a masked batch for the images'
+        """batch_size (and the chunk it sets) lowered to cam.PIXEL_BUDGET pixels a masked batch for the images'
         size, kept a multiple of the devices; the maps do not change, only how many pictures a step runs."""
         k = len(self.devices)
         fits = max(k, cam.PIXEL_BUDGET // int(np.prod(self.size)) // k * k)
@@ -532,8 +532,8 @@ def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
     only the max_n channels of largest spatial standard deviation (None or 0: every channel).
     batch_size: masked images a forward pass, at most cam.PIXEL_BUDGET pixels in all (fewer, for pictures
-    larger than 224 x 224, so memory stays bounded). precision: "float32", "bfloat16" (a bfloat16 copy of the model does the forward passes) or "auto"
-    (measured: auto_precision).
+    larger than 224 x 224, so memory stays bounded). precision: "float32", "bfloat16" (a bfloat16 copy
+    of the model does the forward passes) or "auto" (measured: auto_precision).
     devices: None (one device), a count, "all" or device names: the masked batches are sharded over
     them with Keras's DataParallel distribution (JAX backend; batch_size a multiple of their number).
     """
