@@ -610,6 +610,10 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # `kill`, `timeout` and batch schedulers send SIGTERM: end as Ctrl-C does
 
 
+class Interrupted(SystemExit):
+    """The exit of a run stopped by Ctrl-C or SIGTERM (exit status 1, the message on stderr)."""
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -618,17 +622,15 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         if not (Path(args.out) / "backup" / "training_metadata.json").is_file():  # no epoch saved yet
-            sys.exit("interrupted before the first epoch was saved: nothing to resume")
-        sys.exit(f"interrupted: rerun with --out {args.out} to resume")
+            raise Interrupted("interrupted before the first epoch was saved: nothing to resume") from None
+        raise Interrupted(f"interrupted: rerun with --out {args.out} to resume") from None
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminated)  # unwinds, so no half-written temporary file is left behind
     try:
         main()
-    except SystemExit as stop:
-        if not (isinstance(stop.code, str) and stop.code.startswith("interrupted")):
-            raise
+    except Interrupted as stop:
         # Stopped mid-step, with the checkpoint already safe: the message, then out without the interpreter's
         # teardown, which can meet TensorFlow's threads still running (one CI run ended in SIGSEGV, not exit 1).
         print(stop.code, file=sys.stderr, flush=True)
