@@ -7,11 +7,11 @@
 Keras picks its backend once, at import, so the command runs itself once per backend in a
 subprocess (KERAS_BACKEND=tensorflow, then jax). Each run loads the model(s) and computes:
 
-  maps          of every method in cam.METHODS but the model-blind floors (Score-CAM and
+  maps          of every method in kerascam.METHODS but the model-blind floors (Score-CAM and
                 Faster-Score-CAM with precision="float32"), at the last conv layer, for the
                 predicted class, on a seeded sample of --n images (sorted(numpy.random.default_rng
                 (seed).choice(len(split), n, replace=False)), as evaluate.py samples);
-  probabilities of the whole split (cam.predict_probabilities): the 10,000 CIFAR-10 test pictures,
+  probabilities of the whole split (kerascam.predict_probabilities): the 10,000 CIFAR-10 test pictures,
                 and with --characters-dir the character model's validation split (the one train.py
                 makes: data.folder.load_image_folder(dir, model size, val_fraction=0.2, seed=0)).
 
@@ -25,7 +25,6 @@ the table and the JSON) and the others still run. Exit status 0 once both runs h
 agreeing or not; 1 with one `error:` line for bad input, a run that failed, or a method that did.
 """
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -56,11 +55,11 @@ def prepare_inputs(args, path):
     if args.characters_dir:
         from data.folder import load_image_folder
 
-        import cam
+        import kerascam
         from model import load_model
 
         model, _, _ = load_model(args.characters_model)
-        size = cam.input_spec(model)[:2]
+        size = kerascam.input_spec(model)[:2]
         if None in size:
             raise ValueError(f"{args.characters_model}: needs a fixed input size (pictures are resized to it)")
         d = load_image_folder(args.characters_dir, image_size=size, val_fraction=0.2, seed=0)
@@ -78,7 +77,8 @@ def prepare_inputs(args, path):
 def explain_model(key, model_path, data, log):
     """{name: array} of one model on this backend: the maps of each method, the probabilities of
     the split, and the seconds each took."""
-    import cam
+    import kerascam
+    from kerascam.layers import path_name
     from model import load_model
 
     model, class_names, _ = load_model(model_path)
@@ -86,17 +86,17 @@ def explain_model(key, model_path, data, log):
     names = [str(n) for n in data[f"{key}/names"]]
     if len(names) != len(class_names):
         raise ValueError(f"the {key} data has {len(names)} classes, the model {model_path} {len(class_names)}")
-    cam.check_images(model, x[:1])  # a clear error for pictures of the wrong size
+    kerascam.check_images(model, x[:1])  # a clear error for pictures of the wrong size
     out, seconds, errors = {}, {}, {}
     start = time.perf_counter()
-    out[f"{key}/probs"] = cam.predict_probabilities(model, x)
+    out[f"{key}/probs"] = kerascam.predict_probabilities(model, x)
     seconds["predict"] = time.perf_counter() - start
     log(f"{key}: probabilities of {len(x)} pictures in {seconds['predict']:.1f} s")
     images = x[data[f"{key}/sample"]]
-    for name, method in cam.METHODS.items():
+    for name, method in kerascam.METHODS.items():
         if method.floor:
             continue
-        options = {"precision": "float32"} if "precision" in inspect.signature(method.function).parameters else {}
+        options = {"precision": "float32"} if "precision" in method.options else {}
         start = time.perf_counter()
         try:
             out[f"{key}/maps/{name}"] = method.function(model, images, **options)
@@ -106,7 +106,7 @@ def explain_model(key, model_path, data, log):
             continue
         seconds[name] = time.perf_counter() - start
         log(f"{key}: {method.label} on {len(images)} images in {seconds[name]:.1f} s")
-    out[f"{key}/layer"] = np.asarray(cam.path_name(cam.find_layer(model)))
+    out[f"{key}/layer"] = np.asarray(path_name(kerascam.find_layer(model)))
     out[f"{key}/seconds"] = np.asarray(json.dumps(seconds))
     out[f"{key}/errors"] = np.asarray(json.dumps(errors))
     out[f"{key}/classes_match"] = np.asarray([str(n) for n in class_names] == names)
@@ -118,9 +118,7 @@ def child(args):
     import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
     import keras
 
-    import cam
-    import gradcam  # noqa: F401  (registers the gradient methods)
-    import scorecam  # noqa: F401  (registers Score-CAM and Faster-Score-CAM)
+    import kerascam
     from bench import machine
 
     backend = keras.backend.backend()
@@ -139,7 +137,7 @@ def child(args):
     if "characters/x" in data:
         out.update(explain_model("characters", args.characters_model, data, log))
     info = {"machine": machine(), "seconds_in_process": time.perf_counter() - start,
-            "methods": {n: m.label for n, m in cam.METHODS.items() if not m.floor}}
+            "methods": {n: m.label for n, m in kerascam.METHODS.items() if not m.floor}}
     out["info"] = np.asarray(json.dumps(info))
     np.savez(work / f"{backend}.npz", **out)
 
@@ -177,7 +175,7 @@ def run_backend(backend, args, work):
 
 def compare_maps(a, b):
     """Pearson r per image and the largest absolute difference of two (N, H, W) stacks."""
-    from cam import pearson  # imports a backend here, in the parent, only once the runs are done
+    from kerascam import pearson  # imports a backend here, in the parent, only once the runs are done
 
     r = pearson(a, b)
     return {"min_pearson_r": float(r.min()), "mean_pearson_r": float(r.mean()),

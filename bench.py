@@ -20,7 +20,7 @@ and records:
   the (max_n + 1) / (K + 1) it should scale as;
   the bfloat16 path (precision="bfloat16"): the bfloat16 copy's own T, Score-CAM images/s, ratio
   to the float32 bound, and agreement with the float32 maps (min Pearson r, same top class);
-  what precision="auto" chooses here (scorecam.auto_precision) and both speeds it measured;
+  what precision="auto" chooses here (kerascam.auto_precision) and both speeds it measured;
   a transfer-learning model, MobileNetV2 (alpha 0.35, 96x96, random weights) nested in a Sequential
   with a 5-class head, at its last conv layer (K = 1280): Score-CAM and max_n 64, each against its
   bound, on --mobilenet-n images;
@@ -47,11 +47,12 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-import cam
-import scorecam
+import kerascam
+from kerascam.copies import bfloat16_copy
+from kerascam.layers import path_name
 from atomic import write_text
 from model import build_model
-from reference import naive_score_cam
+from kerascam import naive_score_cam
 
 SIZES = ((32, 10), (64, 20))  # (input side, classes)
 T_BATCH = 256
@@ -110,12 +111,12 @@ def beside_t(throughput, fn):
     return out, seconds, (before + after) / 2
 
 
-pearson = cam.pearson
+pearson = kerascam.pearson
 
 
 def passes_per_image(model, images, layer, max_n=None):
     """Forward passes Score-CAM really needs per image: 1 + the non-constant (chosen) channels."""
-    acts = cam.explainable(model, [cam.find_layer(model, layer)]).predict(images, batch_size=64, verbose=0)[0]
+    acts = kerascam.explainable(model, [kerascam.find_layer(model, layer)]).predict(images, batch_size=64, verbose=0)[0]
     flat = acts.reshape(len(acts), -1, acts.shape[-1])
     varying = (flat.max(axis=1) > flat.min(axis=1)).sum(axis=1)
     if max_n:
@@ -134,21 +135,21 @@ def measure_t(model, args, log):
 def time_score_cam(model, images, layer, throughput, k, max_n=None):
     """Score-CAM (float32) after warm-up calls that trace and compile every graph and shape:
     (maps, probabilities, {images_per_s, T_around, bound, ratio_to_bound})."""
-    run = lambda x: scorecam.score_cam_layers(model, x, [layer], max_n=max_n, precision="float32")  # noqa: E731
+    run = lambda x: kerascam.score_cam_layers(model, x, [layer], max_n=max_n, precision="float32")  # noqa: E731
     run(images[:3])
     run(images[:5])
     (maps, probs), seconds, t_around = beside_t(throughput, lambda: run(images))
     ips = len(images) / seconds
     used = min(k, max_n) if max_n else k
     bound = t_around / (used + 1)
-    return maps[cam.path_name(cam.find_layer(model, layer))], probs, {
+    return maps[path_name(kerascam.find_layer(model, layer))], probs, {
         "images_per_s": ips, "T_around": t_around, "bound": bound, "bound_channels": used,
         "ratio_to_bound": ips / bound}
 
 
 def bench_auto(model, layer, images, log):
     """What precision="auto" chooses for this model here, and the speeds it measured."""
-    auto = scorecam.auto_precision(model, [layer], images)
+    auto = kerascam.auto_precision(model, [layer], images)
     speeds = ", ".join(f"{p} {v:.2f}" for p, v in auto["images_per_s"].items())
     log(f"precision auto: {auto['choice']} (measured images/s: {speeds}; min Pearson r "
         f"{auto['min_pearson_r'] if auto['min_pearson_r'] is None else round(auto['min_pearson_r'], 5)}, "
@@ -159,8 +160,8 @@ def bench_auto(model, layer, images, log):
 def bench_model(side, classes, args, log):
     keras.utils.set_random_seed(args.seed)
     model = build_model((side, side, 3), classes)
-    layer = cam.path_name(cam.find_layer(model))
-    k = int(cam.explainable(model, [cam.find_layer(model)]).outputs[0].shape[-1])
+    layer = path_name(kerascam.find_layer(model))
+    k = int(kerascam.explainable(model, [kerascam.find_layer(model)]).outputs[0].shape[-1])
     images = np.random.default_rng(args.seed + 1).uniform(0, 255, (args.n, side, side, 3)).astype(np.float32)
     name = f"{side}x{side}x{classes}"
     result = {"model": name, "layer": layer, "channels": k, "images": args.n}
@@ -207,9 +208,9 @@ def bench_model(side, classes, args, log):
 
     # the bfloat16 path
     m = min(args.bf16_n, args.n)
-    copy = scorecam.bfloat16_copy(model)
+    copy = bfloat16_copy(model)
     t_bf16 = Throughput(copy, args.seed).full(repeats=1)
-    bf16_run = lambda x: scorecam.score_cam_layers(model, x, [layer], precision="bfloat16")  # noqa: E731
+    bf16_run = lambda x: kerascam.score_cam_layers(model, x, [layer], precision="bfloat16")  # noqa: E731
     bf16_run(images[:3])
     bf16_run(images[:5])
     (bf16, bf16_probs), seconds, t_b = beside_t(throughput, lambda: bf16_run(images[:m]))
@@ -240,9 +241,9 @@ def mobilenet_model(seed=0):
 
 def bench_mobilenet(args, log):
     model = mobilenet_model(args.seed)
-    ref = cam.find_layer(model)
-    layer = cam.path_name(ref)
-    k = int(cam.explainable(model, [ref]).outputs[0].shape[-1])
+    ref = kerascam.find_layer(model)
+    layer = path_name(ref)
+    k = int(kerascam.explainable(model, [ref]).outputs[0].shape[-1])
     side, n = MOBILENET["side"], args.mobilenet_n
     images = np.random.default_rng(args.seed + 1).uniform(0, 255, (n, side, side, 3)).astype(np.float32)
     result = {"model": "mobilenetv2_nested", "layer": layer, "channels": k, "images": n}
@@ -279,9 +280,9 @@ def memory_child(n, seed):
     keras.utils.set_random_seed(seed)
     model = build_model((64, 64, 3), 20)
     images = np.random.default_rng(seed).uniform(0, 255, (n, 64, 64, 3)).astype(np.float32)
-    scorecam.score_cam(model, images[:2], precision="float32")
+    kerascam.score_cam(model, images[:2], precision="float32")
     rss_before = peak_rss_mb()
-    maps, seconds = timed(lambda: scorecam.score_cam(model, images, precision="float32"))
+    maps, seconds = timed(lambda: kerascam.score_cam(model, images, precision="float32"))
     peak = peak_rss_mb()
     print(json.dumps({"images": n, "peak_rss_mb": peak, "peak_rss_before_run_mb": rss_before,
                       "input_mb": images.nbytes / 2**20, "output_mb": maps.nbytes / 2**20,

@@ -5,9 +5,9 @@
     python evaluate.py --dataset folder --model MODEL --data-dir FACES_DIR ...   (its validation split)
     python evaluate.py --markdown results.json                                   (the README table)
 
-Methods: every method in cam.METHODS (Score-CAM, Faster-Score-CAM (16 channels), Grad-CAM, Grad-CAM++,
-Layer-CAM) and two floors that ignore the model (seeded smooth noise, a centred Gaussian). The target
-class is the predicted one; probabilities follow cam.py's score rule (softmax applied once). Score-CAM
+Methods: every method registered in kerascam.METHODS (--methods lists them), the floors that ignore the
+model (seeded smooth noise, a centred Gaussian) included. The target class is the predicted one;
+probabilities follow the kerascam score rule (softmax applied once). Score-CAM
 runs in float32, so the results do not depend on the machine's choice of precision.
 
   Average Drop %      mean over images of max(0, Y - O) / Y x 100, where Y is the target's softmax
@@ -36,7 +36,6 @@ for ms / image).
 """
 import argparse
 import functools
-import inspect
 import json
 import logging
 import os
@@ -45,217 +44,39 @@ import time
 from pathlib import Path
 
 import runtime  # noqa: E402  (before keras: quiet TensorFlow start-up)
-import cv2
 import keras
 import numpy as np
-from scipy.stats import rankdata
 from tqdm import tqdm
 
-import cam
-import gradcam  # noqa: F401  (registers the gradient methods and the floors)
+import kerascam
 from atomic import write_text
+from data.folder import SEEDS, split_options
+from kerascam.metrics import (BLUR_SIGMA, BOOTSTRAP, STEPS, auc, bootstrap_ci, chunk_bootstrap_ci, deletion,
+                              drop_and_increase, insertion, predict, summarise, target_probs)
+from kerascam.sanity import sanity_check, sanity_sample
 from scorecam import DEFAULT_MODEL, PREPROCESSING, preprocess
 
-METHODS = cam.METHODS
+METHODS = kerascam.METHODS
 METRICS = {"avg_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
            "deletion_auc": "Deletion AUC ↓", "insertion_auc": "Insertion AUC ↑", "ms_per_image": "ms / image"}
 # The Score-CAM paper's Tables 1 and 2 (ImageNet validation, VGG16), as a reference point.
 PAPER = {"Score-CAM": dict(avg_drop=31.5, increase=30.6, insertion_auc=0.386, deletion_auc=0.077),
          "Grad-CAM": dict(avg_drop=47.8, increase=19.6, insertion_auc=0.357, deletion_auc=0.089),
          "Grad-CAM++": dict(avg_drop=45.5, increase=18.9, insertion_auc=0.346, deletion_auc=0.082)}
-STEPS = 32  # deletion / insertion steps: 33 points per curve
-BLUR_SIGMA = 5.0  # RISE's insertion blur, in pixels
 MAX_BLUR_SIGMA = 1000.0  # far past any image's size (the blur is then its mean colour); OpenCV's kernel grows with it
-SEEDS = 2**32  # seeds are 0 .. SEEDS - 1, as train.py's
-BOOTSTRAP = 1000
 TIME_CHUNK = 64
-
-
-# ---------------------------------------------------------------- metrics
-
-def predict(model, images, batch_size=256):
-    """Probabilities (N, C) float32 by cam.py's score rule, batch_size images per forward pass."""
-    return cam.predict_probabilities(model, np.asarray(images, dtype=np.float32), batch_size)
-
-
-def target_probs(model, images, targets, batch_size=256):
-    return predict(model, images, batch_size)[np.arange(len(images)), targets]
-
-
-def drop_and_increase(y, o):
-    """Per-image Average Drop terms max(0, Y - O) / Y x 100 and Increase terms 1[O > Y] x 100."""
-    y, o = np.asarray(y, np.float64), np.asarray(o, np.float64)
-    drop = np.maximum(0, y - o) / np.maximum(y, np.finfo(np.float32).tiny) * 100
-    return drop, (o > y) * 100.0
-
-
-def pixel_ranks(maps, seed=0):
-    """Rank of each pixel in its map, 0 = highest; equal values in a seeded random order, so that
-    flat regions are not removed top row first."""
-    n, h, w = maps.shape
-    flat = maps.reshape(n, -1)
-    tiebreak = np.random.default_rng(seed).random(flat.shape)
-    order = np.lexsort((tiebreak, -flat), axis=1)
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(h * w)[None].repeat(n, 0), axis=1)
-    return ranks.reshape(n, h, w)
-
-
-def perturbation_curves(model, start, end, maps, targets, steps=STEPS, batch_size=256, seed=0, desc=None):
-    """Target probability as pixels switch from `start` to `end` images in the maps' order.
-
-    Returns x (steps + 1,) the fraction switched, from 0 to 1, and curves (N, steps + 1). All
-    images of a step go through the network together, batch_size at a time.
-    """
-    n, h, w = maps.shape
-    ranks = pixel_ranks(maps, seed)
-    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(np.int64)
-    curves = np.zeros((n, steps + 1), dtype=np.float32)
-    for s, k in enumerate(tqdm(counts, desc=desc, leave=False, disable=None if desc else True, mininterval=1)):
-        x = np.where((ranks < k)[..., None], end, start).astype(np.float32)
-        curves[:, s] = target_probs(model, x, targets, batch_size)
-    return counts / (h * w), curves
-
-
-def blur(images, sigma=BLUR_SIGMA):
-    """Gaussian blur of each image (OpenCV, kernel from sigma, reflected border): insertion's start.
-    The shape is kept (OpenCV drops a single channel's axis, which greyscale models need)."""
-    images = np.asarray(images)
-    return np.stack([cv2.GaussianBlur(np.float32(im), (0, 0), sigma).reshape(im.shape) for im in images]) \
-        if len(images) else images
-
-
-def auc(x, curves):
-    """Area under each curve (..., len(x)) by the trapezoid rule."""
-    return np.trapezoid(np.asarray(curves, np.float64), np.asarray(x, np.float64), axis=-1)
-
-
-def deletion(model, images, maps, targets, steps=STEPS, batch_size=256, seed=0, desc=None):
-    """(x, curves): most important pixels set to 0 first."""
-    return perturbation_curves(model, images, np.zeros_like(images), maps, targets, steps, batch_size, seed, desc)
-
-
-def insertion(model, images, maps, targets, steps=STEPS, batch_size=256, seed=0, sigma=BLUR_SIGMA, desc=None):
-    """(x, curves): most important pixels restored first onto a blurred copy."""
-    return perturbation_curves(model, blur(images, sigma), images, maps, targets, steps, batch_size, seed, desc)
-
-
-def bootstrap_ci(values, resamples=BOOTSTRAP, seed=0, level=0.95):
-    """Percentile bootstrap interval [low, high] of the mean of per-image values."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        raise ValueError("no values to bootstrap")
-    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return [float(low), float(high)]
-
-
-def chunk_bootstrap_ci(values, chunk, resamples=BOOTSTRAP, seed=0, level=0.95):
-    """Percentile bootstrap interval [low, high] of the mean of per-image values measured chunk by chunk
-    (images i // chunk share one measurement, values[i] being it): the chunks are resampled, each
-    counting for its images. Resampling the images as if independent would make the interval about
-    sqrt(chunk) times too narrow (8 times for 64)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        raise ValueError("no values to bootstrap")
-    starts = np.arange(0, len(values), chunk)
-    per_chunk, sizes = values[starts], np.diff(np.append(starts, len(values)))
-    pick = np.random.default_rng(seed).integers(0, len(starts), (resamples, len(starts)))
-    means = (per_chunk[pick] * sizes[pick]).sum(axis=1) / sizes[pick].sum(axis=1)
-    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return [float(low), float(high)]
-
-
-def spearman(a, b):
-    """Spearman rank correlation of each pair of maps a[i], b[i]; 0 where a map is constant, since a
-    constant map ranks nothing."""
-    ra = rankdata(np.asarray(a).reshape(len(a), -1), axis=1)
-    rb = rankdata(np.asarray(b).reshape(len(b), -1), axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    den = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
-    return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1), 0.0)
-
-
-# ---------------------------------------------------------------- sanity check
-
-def layer_groups(model):
-    """[(name, layers)] from the top down, one per layer with weights; each BatchNorm joins the
-    layer below it (the conv its block ends with), so a block is randomised as the cascade reaches it.
-    The layers of nested models (a backbone) are taken one by one too, named by their path
-    ("backbone/conv"), not the whole backbone in one step; a Normalization layer is left as it is
-    (its mean and variance are statistics of the data, not learned, and a random variance is NaN)."""
-    refs = cam.all_layers(model)
-    containers = {ref.path[:-1] for ref in refs}  # nested models: their own layers are listed
-    groups, pending = [], []
-    for ref in reversed(refs):
-        layer = ref.layer
-        if ref.path in containers or not layer.weights or isinstance(layer, keras.layers.Normalization):
-            continue
-        if isinstance(layer, keras.layers.BatchNormalization):
-            pending.append(layer)
-        else:
-            groups.append((cam.path_name(ref), [layer] + pending))
-            pending = []
-    if pending and groups:
-        groups[-1][1].extend(pending)
-    return groups
-
-
-def reinitialise(layer, seed):
-    """Re-draw every weight of a layer with its own initializer (seeded); weights without one get a
-    seeded Glorot uniform (2-D and more) or normal (stddev 0.05). Seeds are taken modulo 2**31: JAX
-    takes no larger one (sanity_check's seed * 100,000 passes 2**32 from --seed 42950)."""
-    seed %= 2**31
-    for i, var in enumerate(layer.weights):
-        init = getattr(layer, f"{var.name}_initializer", None)
-        if isinstance(init, keras.initializers.Initializer):
-            config = init.get_config()
-            if "seed" in config:
-                config["seed"] = seed + i
-            init = type(init).from_config(config)
-        elif len(var.shape) >= 2:
-            init = keras.initializers.GlorotUniform(seed=seed + i)
-        else:
-            init = keras.initializers.RandomNormal(stddev=0.05, seed=seed + i)
-        var.assign(init(var.shape, dtype=var.dtype))
-
-
-def sanity_sample(n, count, seed=0):
-    """Indices of the sanity check's `count` images out of the sample's n: drawn at random (seeded), in
-    order. The first `count` would come from the first classes only, the sample being sorted by index
-    and the splits ordered by class (the first 50 of a 1,000-picture CIFAR-10 sample are all airplanes)."""
-    return np.sort(np.random.default_rng(seed).choice(n, min(count, n), replace=False))
-
-
-def sanity_check(model, images, methods, targets, layer=None, batch_size=256, seed=0):
-    """Cascading randomisation: {method: {group: per-image Spearman (trained map vs randomised map)}}.
-
-    Works on a copy of the model (clone_model + set_weights); the class is the trained model's target.
-    """
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    trained = {name: fn(model, images, layer, targets, batch_size) for name, fn in methods.items()}
-    out = {name: {} for name in methods}
-    for g, (group, layers) in enumerate(tqdm(layer_groups(copy), desc="sanity check", unit="layer", mininterval=1)):
-        for j, lay in enumerate(layers):
-            reinitialise(lay, seed * 100_000 + g * 100 + j * 10)
-        for name, fn in methods.items():
-            out[name][group] = spearman(trained[name], fn(copy, images, layer, targets, batch_size))
-    return out
 
 
 # ---------------------------------------------------------------- one method, all metrics
 
 def method_functions(names, seed=0):
     """{name: f(model, images, layer, class_index, batch_size)}: a method taking a seed gets this one,
-    one taking a precision float32 (reproducible on every machine)."""
+    one taking a precision float32 (reproducible on every machine); options as the registry records them."""
     functions = {}
     for name in names:
-        function = METHODS[name].function
-        options = inspect.signature(function).parameters
-        fixed = {k: v for k, v in (("seed", seed), ("precision", "float32")) if k in options}
-        functions[name] = functools.partial(function, **fixed)
+        method = kerascam.registry.get(name)
+        fixed = {k: v for k, v in (("seed", seed), ("precision", "float32")) if k in method.options}
+        functions[name] = functools.partial(method.function, **fixed)
     return functions
 
 
@@ -283,21 +104,12 @@ def per_image_metrics(model, images, maps, targets, y, steps=STEPS, batch_size=2
     return values, x, del_curves, ins_curves
 
 
-def summarise(values, seed=0, resamples=BOOTSTRAP):
-    """{metric: mean, metric_ci: [low, high]} from per-image values."""
-    out = {}
-    for key, v in values.items():
-        out[key] = float(np.mean(v))
-        out[f"{key}_ci"] = bootstrap_ci(v, resamples, seed)
-    return out
-
-
 def evaluate(model, images, names=None, layer=None, steps=STEPS, batch_size=256, seed=0, sigma=BLUR_SIGMA,
              sanity_n=50, resamples=BOOTSTRAP):
     """Every metric of every method on images (N, H, W, 3) in [0, 255]: {"methods": ..., "curve_x": ...}."""
     names = list(names or METHODS)
     methods = method_functions(names, seed)
-    images = cam.check_images(model, images)
+    images = kerascam.check_images(model, images)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
     if not 1 <= steps <= images.shape[1] * images.shape[2]:
@@ -419,7 +231,7 @@ def folder_split(args, size):
             raise ValueError(f"{path} is a run at --image-size {saved['image_size']}, the model takes "
                              f"{size[0]}x{size[1]}: not this model's run; move the model or that file")
     chosen, sources = {}, {}
-    for key, default in (("val_split", 0.2), ("split_seed", 0)):
+    for key, default in zip(("val_split", "split_seed"), split_options("folder")):
         if getattr(args, key) is not None:
             chosen[key], sources[key] = getattr(args, key), f"--{key.replace('_', '-')}"
         elif run:
@@ -456,7 +268,7 @@ def load_sample(args, model, class_names):
 
         if not args.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
-        size = cam.input_spec(model)[:2]
+        size = kerascam.input_spec(model)[:2]
         if None in size:
             raise ValueError("--dataset folder needs a model with a fixed input size (pictures are resized to it)")
         chosen, sources = folder_split(args, size)
@@ -474,7 +286,7 @@ def load_sample(args, model, class_names):
     if class_names != indices and list(names) != list(class_names):
         raise ValueError(f"the data's classes are not the model's ({differing_classes(list(names), class_names)}); "
                          "pass the --data-dir the model was trained on")
-    height, width, channels = cam.input_spec(model)
+    height, width, channels = kerascam.input_spec(model)
     if (height, width) != x.shape[1:3] or channels != 3:
         raise ValueError(f"the data's images are {x.shape[1]}x{x.shape[2]}x3, the model takes "
                          f"{height or 'any'}x{width or 'any'}x{channels}")
@@ -495,7 +307,7 @@ def run(args):
 
     model, class_names, _ = load_model(args.model)
     # reported; args.layer is what runs, also in the sanity check's copy (where this model's layer objects are not)
-    layer = cam.passable_path(model, cam.find_layer(model, args.layer))
+    layer = kerascam.layers.passable_path(model, kerascam.find_layer(model, args.layer))
     names = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:

@@ -20,8 +20,8 @@ import numpy as np
 from model import load_model
 from plots import (confusion_matrix_figure, layer_grid_figure, learning_curves, overlay_grid, read_history,
                    schedule_comparison)
-import cam
-from scorecam import score_cam, score_cam_layers
+import kerascam
+from kerascam import score_cam, score_cam_layers
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ROOT / "models"
@@ -34,7 +34,7 @@ def pick(n, count, seed):
 
 def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
     """The original experiment's figure for `count` fixed pictures: input + one heatmap per conv layer."""
-    layers = cam.conv_layers(model)
+    layers = kerascam.conv_layers(model)
     idx = pick(len(images), min(count, len(images)), seed)
     x = images[idx].astype(np.float32)
     maps, probs = score_cam_layers(model, x, layers, precision="float32")
@@ -46,7 +46,7 @@ def layer_figures(model, names, images, labels, prefix, out, count=5, seed=0):
 
 def right_and_wrong_grid(model, names, images, labels, path, seed=0):
     """Last-conv-layer overlays of one correctly and one wrongly classified picture per class, side by side."""
-    probs = cam.predict_probabilities(model, images.astype(np.float32))
+    probs = kerascam.predict_probabilities(model, images.astype(np.float32))
     pred = probs.argmax(axis=1)
     rng = np.random.default_rng(seed)
     chosen, titles = [], []

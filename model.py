@@ -3,11 +3,12 @@ import json
 import zipfile
 from pathlib import Path
 
-import runtime  # noqa: F401  (before keras: quiet TensorFlow start-up)
 import keras
 from keras import layers
 
+import kerascam
 from atomic import atomic_path
+from kerascam.errors import reason
 
 BLOCKS = 4
 CONVS_PER_BLOCK = 3
@@ -45,12 +46,8 @@ def build_model(input_shape=(32, 32, 3), num_classes=10, dtype=None):
 
 
 def conv_layer_names(model):
-    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-
-
-def input_size(model):
-    """(height, width) the model takes."""
-    return tuple(model.input_shape[1:3])
+    """The conv layers' names, by the library's one conv rule (kerascam.conv_layers)."""
+    return [ref.layer.name for ref in kerascam.conv_layers(model)]
 
 
 def single_output(model):
@@ -99,20 +96,10 @@ def _is_keras_archive(path):
         return False
 
 
-def _keras_reason(error, limit=200):
-    """The first sentence of Keras's innermost reason ("Could not locate function 'f'."), on one line."""
-    text = str(error).rsplit("Exception encountered:", 1)[-1].strip()
-    text = " ".join(text.split()).split(" Full object config:")[0]
-    sentence = text.split(". ")[0].rstrip(".") + "." if text else type(error).__name__
-    return sentence if len(sentence) <= limit else sentence[:limit - 3] + "..."
-
-
 def load_model(path):
     """Load (model, class_names, display_names) of any single-input Keras image classifier file; a
     clear ValueError for anything else. Class names come from the class file beside the model
     (`name.classes.json`), else they are the class indices."""
-    import cam
-
     path = Path(path)
     if path.is_dir():  # a TF 2 SavedModel, or a model saved with a typo'd suffix by an older Keras
         raise ValueError(f"{path} is a folder, not a model file: Keras 3 loads .keras (and legacy .h5) files; "
@@ -124,12 +111,12 @@ def load_model(path):
     except Exception as e:  # Keras raises many types for a bad file
         if not _is_keras_archive(path):
             raise ValueError(f"not a Keras model file: {path} ({type(e).__name__})") from None
-        raise ValueError(f"{path} is a Keras model file that could not be rebuilt: {_keras_reason(e)} If it holds "
+        raise ValueError(f"{path} is a Keras model file that could not be rebuilt: {reason(e, sentence=True)} If it holds "
                          "custom layers or functions, register each (a named function, not a Python lambda) with "
                          "@keras.saving.register_keras_serializable() and import it before loading, or preprocess "
                          "with Rescaling/Normalization layers instead of a Lambda, and save the model again") from None
     try:
-        num_classes = cam.num_classes(model)
+        num_classes = kerascam.num_classes(model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(model, keras.Sequential):

@@ -1,10 +1,9 @@
-"""Heatmap colouring and overlays (OpenCV), and the matplotlib figures: learning curves, confusion
+"""The matplotlib figures: learning curves, confusion
 matrix, CAM panels. Japanese labels render through matplotlib-fontja's IPAex Gothic; every figure
 file is written atomically."""
 import collections
 import csv
 
-import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,19 +12,7 @@ import matplotlib_fontja  # noqa: E402,F401  (registers the Japanese font)
 import numpy as np  # noqa: E402
 
 from atomic import atomic_path  # noqa: E402
-
-
-def colorize(cam):
-    """A [0, 1] map as an RGB uint8 jet heatmap (OpenCV colormap)."""
-    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255 + 0.5), cv2.COLORMAP_JET)
-    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-
-
-def overlay(image, cam, alpha=0.45):
-    """Blend the heatmap over an RGB uint8 image of any size (the map is resized to it)."""
-    h, w = image.shape[:2]
-    cam = cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    return cv2.addWeighted(colorize(cam), alpha, np.ascontiguousarray(image, dtype=np.uint8), 1 - alpha, 0)
+from kerascam.overlays import overlay  # noqa: E402
 
 
 def save_figure(fig, path, dpi=100):

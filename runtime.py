@@ -1,7 +1,8 @@
-"""Import Keras quietly, on the backend KERAS_BACKEND names (tensorflow by default, or jax), and
-choose the devices to run on.
+"""For the entry points (scorecam.py, train.py, evaluate.py, ...) only, never the kerascam library: import
+Keras quietly, on the backend KERAS_BACKEND names (tensorflow by default, or jax), and name the CPU.
 
-Import this module before keras in every entry point. TensorFlow prints its oneDNN/CUDA notices
+Import this module before keras in every entry point, never in a library module: it changes the
+process (an environment variable, file descriptor 2 while Keras loads, TensorFlow's logger). TensorFlow prints its oneDNN/CUDA notices
 from C++ before its logging is configured, so only silencing file descriptor 2 while it loads
 hides them; real import errors still raise normally. An unknown backend name ends the program
 with one `error:` line instead of Keras's traceback.
@@ -38,42 +39,6 @@ _import_quietly()
 # TensorFlow's Python-side warnings (its "triggered tf.function retracing" notice, printed when pictures of
 # several sizes go through one model) to errors only, as TF_CPP_MIN_LOG_LEVEL does for its C++ side.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
-
-
-def resolve_devices(spec):
-    """The devices to run on for a --devices option: None or 1 (one device, Keras's default), an
-    int N (the first N), "all", or a list of device names ("cpu:0", "gpu:1"). Several devices
-    need the JAX backend (Keras's distribution API); a clear ValueError says what to change."""
-    import keras
-
-    present = keras.distribution.list_devices()
-    if spec is None:
-        return present[:1]
-    if isinstance(spec, str) and spec != "all":
-        try:
-            spec = int(spec)
-        except ValueError:
-            spec = [name.strip() for name in spec.split(",")]
-    several = spec == "all" and len(present) > 1 or isinstance(spec, (list, tuple)) and len(spec) > 1 or \
-        isinstance(spec, int) and spec > 1
-    if several and keras.backend.backend() != "jax":
-        raise ValueError(f"several devices need the JAX backend (Keras's distribution API): run with "
-                         f"KERAS_BACKEND=jax, or use one device (backend now: {keras.backend.backend()})")
-    if spec == "all":
-        chosen = present
-    elif isinstance(spec, (list, tuple)):
-        unknown = [d for d in spec if d not in present]
-        if unknown:
-            raise ValueError(f"unknown device(s) {', '.join(map(str, unknown))}; present: {', '.join(present)}")
-        chosen = list(spec)
-    elif isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
-        if spec > len(present):
-            raise ValueError(f"{spec} devices asked for, {len(present)} present ({', '.join(present)}); "
-                             f"pass --devices {len(present)} or all")
-        chosen = present[:spec]
-    else:
-        raise ValueError(f"devices must be a count of at least 1, 'all' or device names, got {spec!r}")
-    return chosen
 
 
 def cpu_name():

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from atomic import atomic_path, write_text  # noqa: E402
 from data.augment import AUGMENTATIONS, EXTRAS, MIXES, augmentation  # noqa: E402
+from data.folder import SEEDS, split_options  # noqa: E402
 from model import build_model, classes_path, load_model, save_model  # noqa: E402
 
 MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the picture
@@ -397,9 +398,9 @@ def parse_args(argv=None):
                         "(e.g. 0.999); 0 (default) trains without one")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], help="mixed_bfloat16 is faster on CPUs with "
                                                                               "AVX-512 BF16 and on recent GPUs")
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+    p.add_argument("--seed", type=_number(int, 0, SEEDS - 1), default=0,
                    help="initial weights, batch order, augmentation and dropout (default 0)")
-    p.add_argument("--split-seed", type=_number(int, 0, 2**32 - 1),
+    p.add_argument("--split-seed", type=_number(int, 0, SEEDS - 1),
                    help="the validation split (default: --seed); fixed, runs of several --seed values are compared "
                         "on the same pictures")
     p.add_argument("--out", default="runs/latest", help="RUN_DIR for the model, history, curves (default %(default)s)")
@@ -410,10 +411,7 @@ def parse_args(argv=None):
                    "DataParallel: batches sharded, weights replicated; KERAS_BACKEND=jax; --batch-size a multiple "
                    "of N)")
     args = p.parse_args(argv)
-    if args.val_split is None:
-        args.val_split = 0.2 if args.dataset == "folder" else 0.0
-    if args.split_seed is None:
-        args.split_seed = args.seed
+    args.val_split, args.split_seed = split_options(args.dataset, args.val_split, args.split_seed, args.seed)
     recipe = RECIPES["original" if args.recipe == "original" else args.dataset]
     for key, value in recipe.items():
         if getattr(args, key) is None:

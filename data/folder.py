@@ -20,6 +20,20 @@ class FolderData:
     skipped: list = field(default_factory=list)  # (path, reason) of files that could not be read
 
 
+# The split options train.py and evaluate.py share: seeds are 0 .. SEEDS - 1; a folder holds out
+# FOLDER_VAL_SPLIT of its pictures for validation by default (CIFAR-10 has its own test split: 0).
+SEEDS = 2**32
+FOLDER_VAL_SPLIT = 0.2
+
+
+def split_options(dataset, val_split=None, split_seed=None, seed=0):
+    """(val_split, split_seed) of a run: the given ones, else the defaults (FOLDER_VAL_SPLIT for a folder,
+    0 for CIFAR-10; the split seeded by the run's seed)."""
+    if val_split is None:
+        val_split = FOLDER_VAL_SPLIT if dataset == "folder" else 0.0
+    return val_split, seed if split_seed is None else split_seed
+
+
 def class_folders(root):
     """The class subfolders of `root`, sorted; a clear error when there are fewer than two, or when a
     folder's name is not UTF-8 (it could not be saved as a class name after training)."""

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from keras import layers
 
-import cam
-from gradcam import grad_cam, grad_cam_pp, gradcam_weights, gradcampp_weights, layer_cam
-from scorecam import score_cam, score_cam_layers, score_cam_stream
+import kerascam  # noqa: F401
+from kerascam.methods import grad_cam, grad_cam_pp, gradcam_weights, gradcampp_weights, layer_cam
+from kerascam.methods import score_cam
+from kerascam.scoring import score_cam_layers, score_cam_stream
 
 
 # ---------------------------------------------------------------- plain references, written out here
@@ -45,12 +46,12 @@ def softmax(z):
 def assert_close_maps(fast, plain, r_min=0.99):
     assert fast.shape == plain.shape and fast.dtype == np.float32
     assert np.isfinite(fast).all() and fast.min() >= 0 and fast.max() <= 1
-    r = cam.pearson(fast, plain)
+    r = kerascam.maps.pearson(fast, plain)
     assert r.min() >= r_min, r
 
 
 def backend_gradient(f, a):
-    """d f(a) / d a with the backend's autodiff, written independently of cam.gradient."""
+    """d f(a) / d a with the backend's autodiff, written independently of kerascam.gradients.gradient."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -78,7 +79,7 @@ def plain_gradient_cam(front, back, images, weigh, target=None):
                      if weigh is not layercam_plain else (np.maximum(grads, 0) * acts).sum(-1), 0)
     up = np.stack([cv2.resize(m.astype(np.float32), images.shape[1:3][::-1], interpolation=cv2.INTER_LINEAR)
                    for m in low])
-    return cam.normalise_maps(up)
+    return kerascam.maps.normalise_maps(up)
 
 
 def layercam_plain(acts, grads):  # marker: per-pixel weights, handled in plain_gradient_cam
@@ -162,14 +163,14 @@ def test_nested_backbone_inner_layer_matches_the_plain_computation(mobilenet):
     inner = keras.Model(backbone.input, backbone.get_layer("block_16_project_BN").output)
     fast = score_cam(model, x, layer="block_16_project_BN", precision="float32")  # a BatchNorm, 4-D
     assert_close_maps(fast, plain_score_cam(predict(inner), predict(model), x))
-    assert cam.find_layer(model).path == (backbone.name, "Conv_1")  # the default: last conv, inside
+    assert kerascam.layers.find_layer(model).path == (backbone.name, "Conv_1")  # the default: last conv, inside
 
 
 def test_logits_twin_gives_the_softmax_models_maps(mobilenet):
     model, _ = mobilenet
     twin = logits_twin(model)
     x = images_for((64, 64, 3), seed=1)
-    np.testing.assert_allclose(cam.predict_probabilities(twin, x), model.predict_on_batch(x), atol=1e-5)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(twin, x), model.predict_on_batch(x), atol=1e-5)
     a = score_cam(model, x, layer="block_16_project", precision="float32")
     b = score_cam(twin, x, layer="block_16_project", precision="float32")
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -202,7 +203,7 @@ def test_one_unit_sigmoid_explains_class_1_with_p_and_class_0_with_1_minus_p():
         p1 = p(images)
         return np.concatenate([1 - p1, p1], axis=1)
 
-    np.testing.assert_allclose(cam.predict_probabilities(model, x), two_classes(x), atol=1e-5)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(model, x), two_classes(x), atol=1e-5)
     acts = predict(submodel(model, "m_conv2"))
     for target in (0, 1):
         fast = score_cam(model, x, class_index=target, precision="float32")
@@ -217,7 +218,7 @@ def test_sigmoid_head_of_several_units_scores_its_own_probabilities(units):
     x = images_for((16, 16, 3), n=2, seed=3)
     probs = predict(model)
     assert not np.allclose(probs(x), softmax(probs(x)), atol=1e-3)  # the two rules differ on this model
-    np.testing.assert_allclose(cam.predict_probabilities(model, x), probs(x), atol=1e-6)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(model, x), probs(x), atol=1e-6)
     fast = score_cam(model, x, class_index=1, precision="float32")
     assert_close_maps(fast, plain_score_cam(predict(submodel(model, "m_conv2")), probs, x, target_fn=1), 0.999)
 
@@ -252,7 +253,7 @@ def test_preprocessing_layers_before_a_nested_backbone():
         assert_close_maps(score_cam(model, images, layer=layer, precision="float32"),
                           plain_score_cam(acts, predict(model), images))
     # the default is the last conv layer, found inside: a linear one, whose activations go negative
-    assert cam.find_layer(model).path == ("backbone", "inner_linear")
+    assert kerascam.layers.find_layer(model).path == ("backbone", "inner_linear")
 
 
 # ---------------------------------------------------------------- the gradient methods
@@ -307,11 +308,11 @@ def test_layer_lookup_names_paths_objects_and_ambiguity():
     merged = layers.Concatenate()([a(inp), b(inp)])
     model = keras.Model(inp, layers.Dense(2, activation="softmax")(layers.Flatten()(merged)))
     with pytest.raises(ValueError, match="ambiguous.*left/conv.*right/conv"):
-        cam.find_layer(model, "conv")
-    assert cam.find_layer(model, "right/conv").layer is b.get_layer("conv")
-    assert cam.find_layer(model, a.get_layer("conv")).path == ("left", "conv")
+        kerascam.layers.find_layer(model, "conv")
+    assert kerascam.layers.find_layer(model, "right/conv").layer is b.get_layer("conv")
+    assert kerascam.layers.find_layer(model, a.get_layer("conv")).path == ("left", "conv")
     with pytest.raises(ValueError, match="no layer named 'nope'"):
-        cam.find_layer(model, "nope")
+        kerascam.layers.find_layer(model, "nope")
     x = images_for((8, 8, 3), n=1)
     assert score_cam(model, x, layer="right/conv", precision="float32").shape == (1, 8, 8)
     # a backbone shared by two models is explained in each on its own path
@@ -360,7 +361,7 @@ def test_layers_named_alike_at_three_depths_are_each_explained_at_their_own_plac
     images = images_for((8, 8, 3), n=3, seed=6)
     with pytest.raises(ValueError, match="ambiguous; pass one of these paths: backbone/inner/conv, backbone/conv, "
                                          "/conv"):
-        cam.find_layer(model, "conv")
+        kerascam.layers.find_layer(model, "conv")
 
     def run(x, start, stop):
         for conv in convs[start:stop]:
@@ -368,14 +369,14 @@ def test_layers_named_alike_at_three_depths_are_each_explained_at_their_own_plac
         return x
 
     for depth, path in enumerate(["backbone/inner/conv", "backbone/conv", "/conv"]):
-        assert cam.find_layer(model, path).layer is convs[depth]
+        assert kerascam.layers.find_layer(model, path).layer is convs[depth]
         front = lambda x, d=depth: run(x, 0, d + 1)  # noqa: E731
         back = lambda a, d=depth: keras.ops.matmul(keras.ops.mean(run(a, d + 1, 3), axis=(1, 2)), w) + b  # noqa: E731
         plain = plain_score_cam(front, lambda x: np.asarray(model(x)), images)
         assert_close_maps(score_cam(model, images, layer=path, precision="float32"), plain)
         np.testing.assert_allclose(grad_cam(model, images, layer=path),
                                    plain_gradient_cam(front, back, images, gradcam_weights), atol=2e-4)
-    maps, _ = score_cam_layers(model, images, cam.conv_layers(model), precision="float32")  # what --all-layers runs
+    maps, _ = score_cam_layers(model, images, kerascam.layers.conv_layers(model), precision="float32")  # what --all-layers runs
     assert list(maps) == ["backbone/inner/conv", "backbone/conv", "conv"]
     np.testing.assert_array_equal(maps["conv"], score_cam(model, images, layer="/conv", precision="float32"))
 

@@ -24,6 +24,7 @@ root, pics, folder, tmp = sys.argv[1:5]
 sys.path.insert(0, root)
 import runtime, keras, numpy as np
 import scorecam, train
+import kerascam  # noqa: E402
 
 
 def command(main, argv):
@@ -45,15 +46,15 @@ model = keras.Sequential([keras.Input((16, 16, 3)), L.Rescaling(1 / 255), L.Conv
 model.save(f"{tmp}/small.keras")
 x = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")
 layers = ["c1", "c2"]
-one = scorecam.score_cam_layers(model, x, layers, precision="float32", batch_size=64)
+one = kerascam.scoring.score_cam_layers(model, x, layers, precision="float32", batch_size=64)
 out = {"devices": keras.distribution.list_devices()}
 for devices, batch, names in (("all", 64, layers), (["cpu:1", "cpu:3"], 34, layers[1:])):  # each new shape compiles
-    many = scorecam.score_cam_layers(model, x, names, batch_size=batch, devices=devices)
+    many = kerascam.scoring.score_cam_layers(model, x, names, batch_size=batch, devices=devices)
     out[str(devices)] = max(float(np.abs(many[0][k] - one[0][k]).max()) for k in names)
     out[str(devices) + "_probs"] = float(np.abs(many[1] - one[1]).max())
 for devices, batch in ((5, 64), (4, 6), ("tpu:0", 4), (0, 4)):
     try:
-        scorecam.score_cam(model, x, devices=devices, batch_size=batch)
+        kerascam.methods.score_cam(model, x, devices=devices, batch_size=batch)
         out[f"error {devices} {batch}"] = None
     except ValueError as e:
         out[f"error {devices} {batch}"] = str(e)
@@ -131,12 +132,12 @@ def test_several_devices_on_tensorflow_say_to_use_jax(tmp_path, tiny_model_path)
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("checks the TensorFlow backend's message")
-    import scorecam
+    import kerascam
     from model import load_model
 
     model, _, _ = load_model(tiny_model_path)
     with pytest.raises(ValueError, match="KERAS_BACKEND=jax"):
-        scorecam.score_cam(model, np.zeros((1, 32, 32, 3), np.float32), devices=2)
+        kerascam.methods.score_cam(model, np.zeros((1, 32, 32, 3), np.float32), devices=2)
     write_image(tmp_path / "pics" / "a.png", np.zeros((32, 32, 3), np.uint8))
     r = run_cli("scorecam.py", "--folder", tmp_path / "pics", "--out", tmp_path / "o", "--model", tiny_model_path,
                 "--devices", "2")

@@ -17,7 +17,8 @@ import runtime  # noqa: E402
 import keras  # noqa: E402
 
 import evaluate as ev  # noqa: E402
-from gradcam import center_map, random_map  # noqa: E402
+from kerascam.methods import center_map, random_map  # noqa: E402
+import kerascam  # noqa: E402
 
 S = 16
 
@@ -82,25 +83,25 @@ def sigmoid(z):
 # ---------------------------------------------------------------- metric definitions
 
 def test_trapezoid_auc_by_hand():
-    assert ev.auc([0, 1], [0, 1]) == pytest.approx(0.5)
-    assert ev.auc([0, 0.5, 1], [1, 0, 0]) == pytest.approx(0.25)
-    assert ev.auc(np.linspace(0, 1, 5), [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]) == pytest.approx([1.0, 0.125])
+    assert kerascam.metrics.auc([0, 1], [0, 1]) == pytest.approx(0.5)
+    assert kerascam.metrics.auc([0, 0.5, 1], [1, 0, 0]) == pytest.approx(0.25)
+    assert kerascam.metrics.auc(np.linspace(0, 1, 5), [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]) == pytest.approx([1.0, 0.125])
 
 
 def test_drop_and_increase_by_hand():
-    drop, increase = ev.drop_and_increase([0.8, 0.5, 0.4], [0.2, 0.5, 0.9])
+    drop, increase = kerascam.metrics.drop_and_increase([0.8, 0.5, 0.4], [0.2, 0.5, 0.9])
     assert drop == pytest.approx([75.0, 0.0, 0.0]) and increase == pytest.approx([0.0, 0.0, 100.0])
-    drop, _ = ev.drop_and_increase([0.0], [0.0])
+    drop, _ = kerascam.metrics.drop_and_increase([0.0], [0.0])
     assert np.isfinite(drop).all()
 
 
 def test_pixel_ranks_follow_the_map_and_break_ties_by_seed():
     maps = np.array([[[0.1, 0.9], [0.5, 0.3]]])
-    assert ev.pixel_ranks(maps).tolist() == [[[3, 0], [1, 2]]]
+    assert kerascam.metrics.pixel_ranks(maps).tolist() == [[[3, 0], [1, 2]]]
     flat = np.ones((2, 4, 4))
-    a, b = ev.pixel_ranks(flat, seed=0), ev.pixel_ranks(flat, seed=1)
+    a, b = kerascam.metrics.pixel_ranks(flat, seed=0), kerascam.metrics.pixel_ranks(flat, seed=1)
     assert sorted(a[0].ravel()) == list(range(16)) and not np.array_equal(a, b)
-    assert np.array_equal(a, ev.pixel_ranks(flat, seed=0))
+    assert np.array_equal(a, kerascam.metrics.pixel_ranks(flat, seed=0))
 
 
 def test_deletion_and_insertion_of_an_all_ones_map_by_hand():
@@ -109,11 +110,11 @@ def test_deletion_and_insertion_of_an_all_ones_map_by_hand():
     image, so the insertion curve stays at sigmoid(4)."""
     model, images = brightness_model(), np.full((2, S, S, 3), 255.0, np.float32)
     maps, targets = np.ones((2, S, S), np.float32), np.zeros(2, np.int64)
-    x, curves = ev.deletion(model, images, maps, targets)
+    x, curves = kerascam.metrics.deletion(model, images, maps, targets)
     assert len(x) == 33 and x[0] == 0 and x[-1] == 1
     assert np.allclose(curves, sigmoid(4 * (1 - x)), atol=1e-5)
-    assert ev.auc(x, curves) == pytest.approx(np.trapezoid(sigmoid(4 * (1 - x)), x), abs=1e-5)
-    _, curves = ev.insertion(model, images, maps, targets)
+    assert kerascam.metrics.auc(x, curves) == pytest.approx(np.trapezoid(sigmoid(4 * (1 - x)), x), abs=1e-5)
+    _, curves = kerascam.metrics.insertion(model, images, maps, targets)
     assert np.allclose(curves, sigmoid(4.0), atol=1e-5)
 
 
@@ -128,13 +129,13 @@ def test_deletion_curves_and_auc_of_a_region_counting_model_by_hand():
     images = np.full((3, S, S, 3), 255.0, np.float32)
     maps = np.stack([quadrant, 1 - quadrant, quadrant]).astype(np.float32)
     targets = np.array([0, 0, 1])
-    x, curves = ev.deletion(model, images, maps, targets, seed=5)
+    x, curves = kerascam.metrics.deletion(model, images, maps, targets, seed=5)
     k = np.round(np.linspace(0, 256, 33))
     assert np.allclose(x, k / 256)
     right = sigmoid(6 * (64 - np.minimum(k, 64)) / 64 - 3)
     wrong = sigmoid(6 * (64 - np.maximum(k - 192, 0)) / 64 - 3)
     assert np.allclose(curves, [right, wrong, 1 - right], atol=1e-5)
-    areas = ev.auc(x, curves)
+    areas = kerascam.metrics.auc(x, curves)
     # right: 0.9526 falling linearly to 0.0474 over x in [0, 1/4], then flat; wrong: the mirror image
     assert areas == pytest.approx([np.trapezoid(right, k / 256), np.trapezoid(wrong, k / 256),
                                    np.trapezoid(1 - right, k / 256)], abs=1e-5)
@@ -154,7 +155,7 @@ def test_insertion_starts_from_a_sigma_5_blur_by_hand():
     image[5:11, 5:11] = 255
     images = np.stack([image, image])
     blurred = cv2.GaussianBlur(image, (0, 0), 5)
-    assert np.array_equal(ev.blur(images), np.stack([blurred, blurred]))
+    assert np.array_equal(kerascam.metrics.blur(images), np.stack([blurred, blurred]))
     v5 = blurred[8, 8, 0] / 255
     v2 = cv2.GaussianBlur(image, (0, 0), 2)[8, 8, 0] / 255
     assert v5 < 0.35 and v2 > 0.6  # the picture tells the two blurs apart
@@ -164,12 +165,12 @@ def test_insertion_starts_from_a_sigma_5_blur_by_hand():
     k = np.round(np.linspace(0, S * S, 33))
     want = np.array([[pixel_weight_probability(weights, -4.0, np.where((r < kk)[..., None], image, blurred))
                       for kk in k] for r in ranks])
-    x, curves = ev.insertion(model, images, maps, np.zeros(2, np.int64))
+    x, curves = kerascam.metrics.insertion(model, images, maps, np.zeros(2, np.int64))
     assert np.allclose(curves, want, atol=1e-5)
     assert curves[:, 0] == pytest.approx(sigmoid(8 * v5 - 4), abs=1e-5)
     assert curves[1, 1:] == pytest.approx(sigmoid(4.0), abs=1e-5)
     assert 1 < (curves[0] < 0.5).sum() < 33  # image 0's jump comes part-way
-    assert ev.auc(x, curves) == pytest.approx(np.trapezoid(want, k / 256), abs=1e-5)
+    assert kerascam.metrics.auc(x, curves) == pytest.approx(np.trapezoid(want, k / 256), abs=1e-5)
 
 
 def test_greyscale_model_insertion_starts_from_its_blurred_picture():
@@ -181,7 +182,7 @@ def test_greyscale_model_insertion_starts_from_its_blurred_picture():
     model = softmax_head(keras.layers.GlobalAveragePooling2D()(x), inp)
     images = np.random.default_rng(0).uniform(0, 255, (3, S, S, 1)).astype(np.float32)
     maps = np.random.default_rng(1).random((3, S, S)).astype(np.float32)
-    x, curves = ev.insertion(model, images, maps, np.zeros(3, np.int64), steps=4)
+    x, curves = kerascam.metrics.insertion(model, images, maps, np.zeros(3, np.int64), steps=4)
     start = np.stack([cv2.GaussianBlur(im, (0, 0), 5)[..., None] for im in images])
     assert curves.shape == (3, 5)
     np.testing.assert_allclose(curves[:, 0], model.predict(start, verbose=0)[:, 0], atol=1e-5)
@@ -225,12 +226,12 @@ def test_the_map_of_the_used_region_beats_the_floors():
 
 def test_bootstrap_interval():
     values = np.random.default_rng(0).normal(10, 2, 200)
-    low, high = ev.bootstrap_ci(values, seed=3)
+    low, high = kerascam.metrics.bootstrap_ci(values, seed=3)
     assert low < values.mean() < high and high - low < 1.5
-    assert ev.bootstrap_ci(values, seed=3) == [low, high]
-    assert ev.bootstrap_ci([5.0, 5.0, 5.0]) == [5.0, 5.0]
+    assert kerascam.metrics.bootstrap_ci(values, seed=3) == [low, high]
+    assert kerascam.metrics.bootstrap_ci([5.0, 5.0, 5.0]) == [5.0, 5.0]
     with pytest.raises(ValueError):
-        ev.bootstrap_ci([])
+        kerascam.metrics.bootstrap_ci([])
 
 
 def test_bootstrap_level_is_95_percent():
@@ -240,10 +241,10 @@ def test_bootstrap_level_is_95_percent():
     from scipy.stats import binom
 
     values = np.repeat([0.0, 1.0], 200)
-    low, high = ev.bootstrap_ci(values, seed=4)
+    low, high = kerascam.metrics.bootstrap_ci(values, seed=4)
     exact = binom.ppf([0.025, 0.975], 400, 0.5) / 400
     assert [low, high] == pytest.approx(exact, abs=0.01)
-    assert ev.bootstrap_ci(values, seed=4, level=0.5) == pytest.approx(binom.ppf([0.25, 0.75], 400, 0.5) / 400,
+    assert kerascam.metrics.bootstrap_ci(values, seed=4, level=0.5) == pytest.approx(binom.ppf([0.25, 0.75], 400, 0.5) / 400,
                                                                        abs=0.01)
     means = values[np.random.default_rng(4).integers(0, 400, (ev.BOOTSTRAP, 400))].mean(axis=1)
     assert [low, high] == pytest.approx(np.percentile(means, [2.5, 97.5]), abs=1e-12)
@@ -256,11 +257,11 @@ def test_the_time_interval_resamples_the_chunks_that_were_timed(monkeypatch):
     chances 1/4, 1/2, 1/4: the 95 % interval is [1, 3]. Resampling the 16 images as if independent
     gave about [1.5, 2.5], an interval sqrt(8) times too narrow for what was measured."""
     values = np.repeat([1.0, 3.0], 8)
-    assert ev.chunk_bootstrap_ci(values, 8) == [1.0, 3.0]
-    assert ev.chunk_bootstrap_ci(values, 16) == [1.0, 1.0]  # one chunk: one measurement
-    low, high = ev.chunk_bootstrap_ci(np.repeat([1.0, 3.0, 2.0], [8, 8, 4]), 8)  # a last, smaller chunk weighs less
+    assert kerascam.metrics.chunk_bootstrap_ci(values, 8) == [1.0, 3.0]
+    assert kerascam.metrics.chunk_bootstrap_ci(values, 16) == [1.0, 1.0]  # one chunk: one measurement
+    low, high = kerascam.metrics.chunk_bootstrap_ci(np.repeat([1.0, 3.0, 2.0], [8, 8, 4]), 8)  # a last, smaller chunk weighs less
     assert low == 1.0 and high == 3.0
-    assert ev.chunk_bootstrap_ci(values, 1) == ev.bootstrap_ci(values)  # chunks of one image: the images
+    assert kerascam.metrics.chunk_bootstrap_ci(values, 1) == kerascam.metrics.bootstrap_ci(values)  # chunks of one image: the images
 
     def timed(method, model, images, targets, layer=None, batch_size=256, chunk=ev.TIME_CHUNK):
         return np.zeros(images.shape[:3], np.float32), np.repeat([0.001, 0.003], len(images) // 2)
@@ -275,10 +276,10 @@ def test_the_time_interval_resamples_the_chunks_that_were_timed(monkeypatch):
 
 def test_spearman():
     a = np.random.default_rng(0).random((3, 5, 5))
-    assert ev.spearman(a, a) == pytest.approx([1, 1, 1])
-    assert ev.spearman(a, a**3) == pytest.approx([1, 1, 1])  # ranks only
-    assert ev.spearman(a, -a) == pytest.approx([-1, -1, -1])
-    assert ev.spearman(a, np.zeros_like(a)).tolist() == [0, 0, 0]  # a constant map ranks nothing
+    assert kerascam.metrics.spearman(a, a) == pytest.approx([1, 1, 1])
+    assert kerascam.metrics.spearman(a, a**3) == pytest.approx([1, 1, 1])  # ranks only
+    assert kerascam.metrics.spearman(a, -a) == pytest.approx([-1, -1, -1])
+    assert kerascam.metrics.spearman(a, np.zeros_like(a)).tolist() == [0, 0, 0]  # a constant map ranks nothing
 
 
 def test_spearman_by_hand():
@@ -287,10 +288,10 @@ def test_spearman_by_hand():
     4.5 / sqrt(4.5 x 5) = 3 / sqrt(10). A constant map (either side, or both) gives 0."""
     a = np.array([[1, 2, 3, 4], [1, 1, 2, 3], [1, 2, 3, 4], [7, 7, 7, 7], [7, 7, 7, 7]], float).reshape(5, 2, 2)
     b = np.array([[1, 3, 2, 4], [1, 2, 3, 4], [5, 5, 5, 5], [1, 2, 3, 4], [0, 0, 0, 0]], float).reshape(5, 2, 2)
-    rho = ev.spearman(a, b)
+    rho = kerascam.metrics.spearman(a, b)
     assert rho.shape == (5,) and np.isfinite(rho).all()
     assert rho == pytest.approx([0.8, 3 / np.sqrt(10), 0, 0, 0], abs=1e-12)
-    assert ev.spearman(b, a) == pytest.approx(rho, abs=1e-12)
+    assert kerascam.metrics.spearman(b, a) == pytest.approx(rho, abs=1e-12)
 
 
 # ---------------------------------------------------------------- sanity check
@@ -298,7 +299,7 @@ def test_spearman_by_hand():
 def test_cascade_order_on_the_real_architecture():
     from model import build_model
 
-    groups = ev.layer_groups(build_model())
+    groups = kerascam.sanity.layer_groups(build_model())
     names = [g for g, _ in groups]
     assert names[:5] == ["logits", "fc3", "fc2", "fc1", "block4_conv3"]
     assert names[-1] == "block1_conv1" and len(names) == 16
@@ -308,10 +309,10 @@ def test_cascade_order_on_the_real_architecture():
 def test_reinitialise_is_seeded_and_uses_the_layers_initializers():
     model = brightness_model()
     dense = model.get_layer("logits")
-    ev.reinitialise(dense, seed=7)
+    kerascam.sanity.reinitialise(dense, seed=7)
     first = [w.copy() for w in dense.get_weights()]
     assert not np.allclose(first[0], [[4.0, 0.0]]) and not first[1].any()  # glorot kernel, zero bias
-    ev.reinitialise(dense, seed=7)
+    kerascam.sanity.reinitialise(dense, seed=7)
     assert np.array_equal(first[0], dense.get_weights()[0])
 
 
@@ -333,7 +334,7 @@ def test_sanity_check_decorrelates_and_the_floors_do_not():
     before = [w.copy() for w in model.get_weights()]
     targets = ev.predict(model, images).argmax(1)
     methods = ev.method_functions(["gradcam", "scorecam", "random", "center"])
-    out = ev.sanity_check(model, images, methods, targets, seed=0)
+    out = kerascam.sanity.sanity_check(model, images, methods, targets, seed=0)
     assert list(out["gradcam"]) == ["logits", "fc1", "conv2", "conv1"]
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the original is untouched
     for name in ("gradcam", "scorecam"):
@@ -370,21 +371,21 @@ def test_the_cascade_goes_through_a_nested_backbone_layer_by_layer_and_stays_fin
     Normalization's variance met the same fate. Now each inner layer is a step with its own
     initializer (variance 1), the Normalization is left alone, and every randomised copy predicts."""
     model = nested_backbone_model()
-    groups = ev.layer_groups(model)
+    groups = kerascam.sanity.layer_groups(model)
     assert [g for g, _ in groups] == ["logits", "backbone/c2", "backbone/c1"]
     assert [layer.name for layer in dict(groups)["backbone/c2"]] == ["c2", "bn2"]
     images = np.random.default_rng(1).uniform(0, 255, (4, S, S, 3)).astype(np.float32)
     before = [w.copy() for w in model.get_weights()]
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    for g, (_, layers) in enumerate(ev.layer_groups(copy)):
+    for g, (_, layers) in enumerate(kerascam.sanity.layer_groups(copy)):
         for j, layer in enumerate(layers):
-            ev.reinitialise(layer, g * 100 + j * 10)
+            kerascam.sanity.reinitialise(layer, g * 100 + j * 10)
         assert np.isfinite(ev.predict(copy, images)).all()
     assert np.array_equal(copy.get_layer("backbone").get_layer("bn1").moving_variance.numpy(), np.ones(8))
     assert np.array_equal(copy.get_layer("norm").get_weights()[1], model.get_layer("norm").get_weights()[1])
     targets = ev.predict(model, images).argmax(1)
-    out = ev.sanity_check(model, images, ev.method_functions(["gradcam", "random"]), targets)
+    out = kerascam.sanity.sanity_check(model, images, ev.method_functions(["gradcam", "random"]), targets)
     assert list(out["gradcam"]) == ["logits", "backbone/c2", "backbone/c1"]
     assert all(np.allclose(v, 1) for v in out["random"].values())
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the original is untouched
@@ -404,11 +405,11 @@ def test_the_sanity_check_runs_on_a_random_part_of_the_sample_not_its_first_pict
     images = np.repeat(np.arange(40, dtype=np.float32), S * S * 3).reshape(40, S, S, 3)
     labels = np.repeat(np.arange(4), 10)  # as a class-ordered split: 10 pictures a class
     result = ev.evaluate(brightness_model(), images, names=["random"], steps=1, sanity_n=8, seed=2)
-    pick = ev.sanity_sample(40, 8, seed=2)
+    pick = kerascam.sanity.sanity_sample(40, 8, seed=2)
     assert seen["values"] == pick.tolist() and pick.tolist() != list(range(8))
     assert len(set(labels[pick])) > 1 and result["sanity_images"] == 8
-    assert ev.sanity_sample(40, 100).tolist() == list(range(40))  # at most the whole sample
-    first = ev.sanity_sample(1000, 50, seed=0)
+    assert kerascam.sanity.sanity_sample(40, 100).tolist() == list(range(40))  # at most the whole sample
+    first = kerascam.sanity.sanity_sample(1000, 50, seed=0)
     assert len(set(np.repeat(np.arange(10), 100)[first])) >= 8  # CIFAR-10's 10 classes x 100: nearly all
 
 
@@ -447,7 +448,7 @@ def test_cli_writes_json_and_figure(cli_run):
     proc, out, fig = cli_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert list(results["methods"]) == list(ev.METHODS)
+    assert list(results["methods"]) == list(kerascam.registry.METHODS)
     assert results["settings"]["machine"].startswith(runtime.cpu_name() + ", ")  # timings name their CPU
     for m in results["methods"].values():
         for key in ev.METRICS:

@@ -7,12 +7,13 @@ from PIL import Image
 import runtime  # noqa: F401
 import keras
 
-import cam
+import kerascam  # noqa: F401
 import scorecam
-from cam import pearson
+from kerascam.maps import pearson
 from conftest import run_cli, write_image
-from reference import naive_score_cam
-from scorecam import score_cam, score_cam_layers, score_cam_stream
+from kerascam.reference import naive_score_cam
+from kerascam.methods import score_cam
+from kerascam.scoring import score_cam_layers, score_cam_stream
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +88,20 @@ def test_pictures_over_the_pixel_budget_are_scored_in_smaller_batches_with_the_s
     plain, _ = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
     pixels = int(np.prod(images.shape[1:3]))
     runs = []
-    original = scorecam.MaskedScores.predict_on_batch
+    original = kerascam.engine.MaskedScores.predict_on_batch
 
     def recording(self, inputs):
         runs.append(len(inputs[1]))  # the masked pictures of the step (pairs, padding included)
         return original(self, inputs)
 
-    monkeypatch.setattr(scorecam.MaskedScores, "predict_on_batch", recording)
-    monkeypatch.setattr(cam, "PIXEL_BUDGET", 3 * pixels + pixels // 2)
+    monkeypatch.setattr(kerascam.engine.MaskedScores, "predict_on_batch", recording)
+    monkeypatch.setattr(kerascam.engine, "PIXEL_BUDGET", 3 * pixels + pixels // 2)
     capped, _ = score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
     assert runs and max(runs) == 3
     for key in plain:
         np.testing.assert_allclose(capped[key], plain[key], atol=1e-5)
     runs.clear()
-    monkeypatch.setattr(cam, "PIXEL_BUDGET", 256 * pixels)  # within the budget: the batch asked for
+    monkeypatch.setattr(kerascam.engine, "PIXEL_BUDGET", 256 * pixels)  # within the budget: the batch asked for
     score_cam_layers(model, images, ["conv1", "conv2"], batch_size=16, precision="float32")
     assert max(runs) == 16
 
@@ -108,13 +109,13 @@ def test_pictures_over_the_pixel_budget_are_scored_in_smaller_batches_with_the_s
 def test_faster_score_cam_scores_only_max_n_pairs_per_image(small, monkeypatch):
     model, images = small
     scored = []
-    original = scorecam.MaskedScores.predict_on_batch
+    original = kerascam.engine.MaskedScores.predict_on_batch
 
     def counting(self, inputs):  # masked images really scored: pairs whose channel varies
         scored.append(int((np.ptp(inputs[1].reshape(len(inputs[1]), -1), axis=1) > 0).sum()))
         return original(self, inputs)
 
-    monkeypatch.setattr(scorecam.MaskedScores, "predict_on_batch", counting)
+    monkeypatch.setattr(kerascam.engine.MaskedScores, "predict_on_batch", counting)
     score_cam(model, images, layer="conv2", max_n=3)
     assert sum(scored) == 3 * 6  # 3 channels of each image but the black one (no varying channel)
     every = score_cam(model, images, layer="conv2")
@@ -124,7 +125,7 @@ def test_faster_score_cam_scores_only_max_n_pairs_per_image(small, monkeypatch):
 def test_tail_batches_cover_the_pairs_with_few_shapes():
     for batch_size in (1, 7, 16, 256):
         for count in (0, 1, 15, 16, 17, 100, 255, 256, 1000):
-            sizes = scorecam._tail_sizes(count, batch_size)
+            sizes = kerascam.engine.tail_sizes(count, batch_size)
             assert sum(take for take, _ in sizes) == count
             assert all(1 <= take <= run <= batch_size for take, run in sizes)
             assert all(run in (batch_size, min(16, batch_size)) or run & (run - 1) == 0 for _, run in sizes)
@@ -137,8 +138,8 @@ def test_bfloat16_copy_agrees_and_leaves_the_model_alone(small):
     bf16, _ = score_cam_layers(model, images, ["conv2"], precision="bfloat16")
     assert [layer.dtype_policy.name for layer in model.layers] == policies
     assert pearson(bf16["conv2"], fp32["conv2"]).min() >= 0.99
-    copy = scorecam.bfloat16_copy(model)
-    assert copy is scorecam.bfloat16_copy(model)  # built once
+    copy = kerascam.copies.bfloat16_copy(model)
+    assert copy is kerascam.copies.bfloat16_copy(model)  # built once
     assert copy.get_layer("conv1").dtype_policy.name == "mixed_bfloat16"
     with pytest.raises(ValueError, match="precision must be one of"):
         score_cam(model, images, precision="float16")
@@ -146,11 +147,11 @@ def test_bfloat16_copy_agrees_and_leaves_the_model_alone(small):
 
 def test_bfloat16_copy_follows_weight_changes(small):
     model, _ = small
-    scorecam.bfloat16_copy(model)
+    kerascam.copies.bfloat16_copy(model)
     saved = model.get_weights()
     try:
         model.set_weights([w * 0.5 for w in saved])
-        copy = scorecam.bfloat16_copy(model)
+        copy = kerascam.copies.bfloat16_copy(model)
         np.testing.assert_allclose(copy.get_layer("logits").get_weights()[0], saved[-2] * 0.5)
     finally:
         model.set_weights(saved)
@@ -170,9 +171,9 @@ def test_copies_of_a_model_with_an_adapted_normalization_predict_as_it_does():
                               keras.layers.Dense(3)])
     images = rng.uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     expected = model.predict_on_batch(images)
-    replicated, _ = scorecam.replicated_copy(model, keras.distribution.list_devices()[:1])
+    replicated, _ = kerascam.copies.replicated_copy(model, keras.distribution.list_devices()[:1])
     np.testing.assert_allclose(replicated.predict_on_batch(images), expected, atol=1e-5)
-    bf16 = np.asarray(scorecam.bfloat16_copy(model).predict_on_batch(images), np.float32)
+    bf16 = np.asarray(kerascam.copies.bfloat16_copy(model).predict_on_batch(images), np.float32)
     np.testing.assert_allclose(bf16, expected, atol=0.05 * np.abs(expected).max())  # bfloat16: 8 bits of mantissa
     fp32 = score_cam(model, images, precision="float32")
     assert pearson(score_cam(model, images, precision="bfloat16"), fp32).min() >= 0.99
@@ -238,25 +239,25 @@ def test_auto_precision_measures_and_keeps_the_faster_agreeing_one(monkeypatch, 
     model = fresh_model({0.5: 11, 2.0: 12}[bf16_seconds] + int(agreement > 1))
     images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
     ticks = iter([0.0, 1.0, 0.0, bf16_seconds])  # float32 start, end; bfloat16 start, end
-    monkeypatch.setattr(scorecam, "_timer", lambda: next(ticks))
-    monkeypatch.setattr(scorecam, "AUTO_AGREEMENT", agreement)
-    monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)
-    monkeypatch.setattr(scorecam, "AUTO_MIN_IMAGES", 1)
-    auto = scorecam.auto_precision(model, [None], images)
+    monkeypatch.setattr(kerascam.precision, "_timer", lambda: next(ticks))
+    monkeypatch.setattr(kerascam.precision, "AUTO_AGREEMENT", agreement)
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_PASSES", 1)
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_IMAGES", 1)
+    auto = kerascam.scoring.auto_precision(model, [None], images)
     assert auto["choice"] == expected
     assert auto["images_per_s"]["float32"] == pytest.approx(2.0)
     assert auto["images_per_s"]["bfloat16"] == pytest.approx(2 / bf16_seconds)
     assert auto["min_pearson_r"] > 0.99 and auto["top_class_equal"]
     # remembered for the process: the same call again reads no timer, and "auto" follows the choice
-    monkeypatch.setattr(scorecam, "_timer", lambda: pytest.fail("measured twice"))
+    monkeypatch.setattr(kerascam.precision, "_timer", lambda: pytest.fail("measured twice"))
     np.testing.assert_array_equal(score_cam(model, images, precision="auto"),
                                   score_cam(model, images, precision=expected))
 
 
 def test_auto_precision_runs_small_calls_in_float32_without_measuring(monkeypatch, small):
     model, images = small
-    monkeypatch.setattr(scorecam, "_timer", lambda: pytest.fail("a small call was measured"))
-    assert scorecam.resolve_precision("auto", model, [None], images, passes=10) == "float32"
+    monkeypatch.setattr(kerascam.precision, "_timer", lambda: pytest.fail("a small call was measured"))
+    assert kerascam.precision.resolve_precision("auto", model, None, images, passes=10) == "float32"
     np.testing.assert_array_equal(score_cam(model, images[:2]), score_cam(model, images[:2], precision="float32"))
 
 
@@ -270,23 +271,23 @@ def test_auto_precision_measures_only_large_calls_with_their_layers_and_max_n(mo
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
     model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
     images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
-    monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)
-    monkeypatch.setattr(scorecam, "AUTO_MIN_IMAGES", 4)
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_PASSES", 1)
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_IMAGES", 4)
     ticks = []
 
     def timer():  # a stubbed clock: both precisions take one tick, so the choice is float32
         ticks.append(len(ticks))
         return float(ticks[-1])
 
-    monkeypatch.setattr(scorecam, "_timer", timer)
+    monkeypatch.setattr(kerascam.precision, "_timer", timer)
     made = []
 
-    class Recording(scorecam._Explainer):
+    class Recording(kerascam.engine.Explainer):
         def __init__(self, model, layers, batch_size, max_n, precision, *args, **kwargs):
             made.append((tuple(layers), max_n, precision))
             super().__init__(model, layers, batch_size, max_n, precision, *args, **kwargs)
 
-    monkeypatch.setattr(scorecam, "_Explainer", Recording)
+    monkeypatch.setattr(kerascam.scoring, "Explainer", Recording)
     score_cam(model, images[:1], layer="c1", max_n=2, precision="auto")
     score_cam(model, images[:3], layer="c1", precision="auto")
     assert not ticks and made == [(("c1",), 2, "float32"), (("c1",), None, "float32")]

@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import runtime  # noqa: E402,F401
 import keras  # noqa: E402
 
-from gradcam import center_map, grad_cam, grad_cam_pp, gradcampp_weights, random_map  # noqa: E402
-from scorecam import score_cam  # noqa: E402
+from kerascam.methods import center_map, grad_cam, grad_cam_pp, gradcampp_weights, random_map  # noqa: E402
+from kerascam.methods import score_cam  # noqa: E402
+import kerascam  # noqa: E402
 
 SIZE = 8
 RED = (slice(0, 3), slice(0, 3))  # where the red blob is
@@ -139,29 +140,29 @@ def test_center_floor_peaks_in_the_middle(model):
 
 
 def test_gradient_batches_are_capped_at_the_pixel_budget_with_the_same_maps(monkeypatch):
-    """Large pictures through a model of any input size: a gradient batch holds at most cam.PIXEL_BUDGET pixels
+    """Large pictures through a model of any input size: a gradient batch holds at most kerascam.maps.PIXEL_BUDGET pixels
     (here lowered to 2 of the test's pictures), and the maps are those of the uncapped batches."""
-    import cam
-    from gradcam import layer_cam
+    import kerascam  # noqa: F401
+    from kerascam.methods import layer_cam
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (5, SIZE, SIZE, 3)).astype(np.float32)
     model = colour_model()
     plain = {f.__name__: f(model, images, "detect") for f in (grad_cam, grad_cam_pp, layer_cam)}
     batches = []
-    original = cam.layer_gradients
+    original = kerascam.gradients.layer_gradients
 
     def recording(model, ref, x, targets):
         batches.append(len(x))
         return original(model, ref, x, targets)
 
-    monkeypatch.setattr(cam, "layer_gradients", recording)
-    monkeypatch.setattr(cam, "PIXEL_BUDGET", 2 * SIZE * SIZE + SIZE)
+    monkeypatch.setattr(kerascam.pipelines, "layer_gradients", recording)
+    monkeypatch.setattr(kerascam.pipelines, "PIXEL_BUDGET", 2 * SIZE * SIZE + SIZE)
     for f in (grad_cam, grad_cam_pp, layer_cam):
         batches.clear()
         np.testing.assert_allclose(f(model, images, "detect"), plain[f.__name__], atol=1e-6)
         assert batches == [2, 2, 1]
     batches.clear()
-    monkeypatch.setattr(cam, "PIXEL_BUDGET", 256 * 224 * 224)  # within the budget: the batch asked for
+    monkeypatch.setattr(kerascam.pipelines, "PIXEL_BUDGET", 256 * 224 * 224)  # within the budget: the batch asked for
     grad_cam(model, images, "detect", batch_size=4)
     assert batches == [4, 1]

@@ -60,7 +60,7 @@ def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path):
     save_model(m, tmp_path / "m.keras", ["a", "b", "c"])
     assert getattr(keras.saving.load_model(tmp_path / "m.keras"), "optimizer", None) is None
     loaded, _, _ = load_model(tmp_path / "m.keras")
-    from scorecam import score_cam
+    from kerascam.methods import score_cam
 
     assert score_cam(loaded, x[:2], precision="float32").shape == (2, 32, 32)  # one output, not a list of one
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), m.predict(x, verbose=0))
@@ -70,7 +70,7 @@ def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path):
 def test_a_model_saved_with_a_list_of_one_output_is_explained_like_any_other(tmp_path):
     import keras
 
-    from scorecam import score_cam
+    from kerascam.methods import score_cam
 
     m = build_model(num_classes=3)
     keras.Model(m.inputs, m.outputs).save(tmp_path / "listed.keras")  # outputs=[probs], as other code saves

@@ -8,13 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-import cam
-import gradcam  # noqa: F401  (registers the gradient methods and the floors)
+import kerascam  # noqa: F401
+import kerascam  # noqa: F401
 import scorecam  # noqa: F401  (registers Score-CAM)
 
 # Every registered method; Faster-Score-CAM keeps 2 of the 4 channels so that its selection acts.
-METHODS = {name: method.function for name, method in cam.METHODS.items()}
-METHODS["faster_scorecam"] = functools.partial(scorecam.score_cam, max_n=2)
+METHODS = {name: method.function for name, method in kerascam.registry.METHODS.items()}
+METHODS["faster_scorecam"] = functools.partial(kerascam.methods.score_cam, max_n=2)
 
 
 def test_every_method_is_here():

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from keras import layers
 
-import cam
-from gradcam import grad_cam
-from scorecam import score_cam, score_cam_stream
+import kerascam  # noqa: F401
+from kerascam.methods import grad_cam
+from kerascam.methods import score_cam
+from kerascam.scoring import score_cam_stream
 
 SIZE = (12, 12, 3)
 
@@ -48,7 +49,7 @@ def test_a_softmax_as_an_op_lambda_or_before_a_cast_is_applied_once(head):
     inp, h = trunk()
     twin = keras.Model(inp, layers.Dense(3, name="logits")(h))  # logits, the same weights
     x = images()
-    np.testing.assert_allclose(cam.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
     np.testing.assert_allclose(score_cam(model, x, precision="float32"), score_cam(twin, x, precision="float32"),
                                atol=1e-5)
     np.testing.assert_allclose(grad_cam(model, x), grad_cam(twin, x), atol=1e-5)
@@ -60,14 +61,14 @@ def test_a_sequential_ending_in_a_float32_cast_after_its_softmax_gives_its_own_p
                               layers.GlobalAveragePooling2D(), layers.Dense(3, activation="softmax"),
                               layers.Activation("linear", dtype="float32")])
     x = images()
-    np.testing.assert_allclose(cam.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
 
 
 def test_a_sigmoid_op_of_several_units_scores_each_units_own_probability():
     inp, h = trunk()
     model = keras.Model(inp, keras.ops.sigmoid(layers.Dense(3)(h)))
     x = images()
-    np.testing.assert_allclose(cam.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(kerascam.graph.predict_probabilities(model, x), model.predict(x, verbose=0), atol=1e-6)
 
 
 def shared_models():
@@ -136,7 +137,7 @@ def backend_centre(t):
 
 
 def test_a_model_that_will_not_run_in_bfloat16_is_one_error_line_and_auto_keeps_float32(monkeypatch):
-    import scorecam
+    import kerascam
 
     keras.utils.set_random_seed(0)
     inp = keras.Input(SIZE)
@@ -148,8 +149,8 @@ def test_a_model_that_will_not_run_in_bfloat16_is_one_error_line_and_auto_keeps_
     with pytest.raises(ValueError, match=message) as error:
         score_cam(model, x, precision="bfloat16")
     assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
-    monkeypatch.setattr(scorecam, "AUTO_MIN_IMAGES", 1)  # "auto" measures this small call: the bfloat16 copy
-    monkeypatch.setattr(scorecam, "AUTO_MIN_PASSES", 1)  # fails there, and float32 explains it
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_IMAGES", 1)  # "auto" measures this small call: the bfloat16 copy
+    monkeypatch.setattr(kerascam.precision, "AUTO_MIN_PASSES", 1)  # fails there, and float32 explains it
     np.testing.assert_allclose(score_cam(model, x, precision="auto"), score_cam(model, x, precision="float32"))
 
 

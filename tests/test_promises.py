@@ -95,7 +95,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import runtime  # noqa: F401
     import keras
     import numpy as np
-    from scorecam import score_cam
+    from kerascam.methods import score_cam
 
     def status(key):
         with open("/proc/self/status") as f:

@@ -5,7 +5,7 @@ samples and option combinations, with no network.
   right and wrong, N = 0 to several, negative, huge, tiny and constant values, NaN/Inf, every layer of a
   small model, every class, max_n 0 to past K, batch sizes, and invalid arguments): maps (N, H, W)
   float32, finite, in [0, 1], or one clear ValueError (never another type, never a Keras or NumPy
-  message passed through); Score-CAM's fast path equals reference.naive_score_cam image by image.
+  message passed through); Score-CAM's fast path equals kerascam.reference.naive_score_cam image by image.
 - evaluate.evaluate on n = 0, 1, 2, 3 images and evaluate.py --dataset folder on generated tiny folders
   (a class with one picture, an empty validation split): finite metrics and intervals, no NaN in the
   JSON, or one clear error.
@@ -33,10 +33,10 @@ import runtime  # noqa: F401  (before keras)
 import keras
 
 import bench
-import cam
+import kerascam  # noqa: F401
 import evaluate
 import figures
-import gradcam
+import kerascam  # noqa: F401
 import scorecam
 from conftest import ROOT, budget
 from model import save_model
@@ -209,14 +209,14 @@ def explain(models, case):
     method, layers = case["method"], [layer]
     max_n = case["max_n"] if method.startswith("score_cam") else None
     if method == "score_cam":
-        result = lambda: [scorecam.score_cam(model, images, layer, class_index,  # noqa: E731
+        result = lambda: [kerascam.methods.score_cam(model, images, layer, class_index,  # noqa: E731
                                              case["batch_size"], max_n)]
     elif method == "score_cam_layers":
         layers = [layer, layer_of(case, "second_index")]
-        result = lambda: list(scorecam.score_cam_layers(model, images, layers, class_index,  # noqa: E731
+        result = lambda: list(kerascam.scoring.score_cam_layers(model, images, layers, class_index,  # noqa: E731
                                                         case["batch_size"], max_n)[0].values())
     else:
-        function = getattr(gradcam, method)
+        function = getattr(kerascam.methods, method)
         result = lambda: [function(model, images, layer, class_index, case["batch_size"])]  # noqa: E731
     valid = valid_case(case, images, n, layers, max_n, case["batch_size"], case["class_kind"])
     size = images.shape[-3:-1] if images.ndim >= 3 else None
@@ -292,17 +292,17 @@ reference_cases = st.fixed_dictionaries({
 def test_fast_path_equals_the_plain_per_image_computation(models, case):
     import cv2
 
-    from reference import naive_score_cam
+    from kerascam.reference import naive_score_cam
 
     model = models[case["model"]]
     names = list(FIXED_LAYERS if case["model"] == "fixed" else OPEN_LAYERS)
     layer = names[case["layer_index"] % len(names)]
     images, n = make_images(case)
     class_index = make_class_index(case["class_kind"], case["k"], n, CLASSES if case["model"] == "fixed" else 2)
-    maps = scorecam.score_cam(model, images, layer, class_index, case["batch_size"], case["max_n"],
+    maps = kerascam.methods.score_cam(model, images, layer, class_index, case["batch_size"], case["max_n"],
                               precision="float32")
     check_maps(maps, n, images.shape[-3:-1])
-    x = cam.check_images(model, images)
+    x = kerascam.maps.check_images(model, images)
     targets = [None] * n if class_index is None else np.broadcast_to(class_index, (n,))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cv2, "resize", _exact_resize(cv2.resize))
@@ -340,7 +340,7 @@ def check_results(results, names, n, sanity_n):
 
 evaluate_cases = broken(st.fixed_dictionaries({
     "n": st.sampled_from([1, 1, 2, 3]), "values": st.sampled_from(["pixels", "constant", "black"]),
-    "methods": st.lists(st.sampled_from(list(cam.METHODS)), min_size=1, max_size=2, unique=True),
+    "methods": st.lists(st.sampled_from(list(kerascam.registry.METHODS)), min_size=1, max_size=2, unique=True),
     "steps": st.sampled_from([1, 2, 5, FIXED_SIDE ** 2]), "sanity_n": st.sampled_from([0, 0, 1, 2, -1]),
     "resamples": st.sampled_from([1, 7]), "sigma": st.sampled_from([0.5, 5.0, evaluate.MAX_BLUR_SIGMA])}),
     st.one_of(st.fixed_dictionaries({"n": st.just(0)}),

@@ -1,10 +1,12 @@
 """The README's Python examples run as printed (a NameError there is the first thing a reader meets), with
-`images` made here and, offline, `weights=None` for the one that downloads ImageNet weights."""
+`images` made here and, offline, `weights=None` for the one that downloads ImageNet weights. They use the
+installed library, `kerascam`, never the repository's old top-level modules."""
 import re
 
 import keras
 import numpy as np
 
+import kerascam
 from conftest import ROOT
 from model import load_model
 
@@ -17,6 +19,10 @@ def test_the_readme_has_the_python_examples_this_file_runs():
     blocks = python_blocks()
     assert len(blocks) == 2, "a README Python example was added or removed: run it in this file too"
     assert 'load_model("models/cifar10.keras")' in blocks[0] and "MobileNetV2" in blocks[1]
+    for code in blocks:
+        assert re.search(r"^(import kerascam|from kerascam import )", code, flags=re.M), "examples use kerascam"
+        assert not re.search(r"^\s*(from|import) (cam|gradcam|scorecam|reference)\b", code, flags=re.M), \
+            "an example imports a module that moved into kerascam/"
 
 
 def test_the_shipped_model_example_runs(monkeypatch):
@@ -27,6 +33,11 @@ def test_the_shipped_model_example_runs(monkeypatch):
     maps = names["maps"]  # the last line's: {layer: (N, H, W)}
     assert sorted(maps) == ["block1_conv1", "block4_conv3"] and names["probs"].shape == (2, 10)
     assert all(m.shape == (2, 32, 32) and 0 <= m.min() and m.max() <= 1 for m in maps.values())
+    np.testing.assert_allclose(names["probs"].sum(axis=1), 1, atol=1e-4)
+    # several layers from one pass give the one-layer call's map, and explain() is the method by name
+    np.testing.assert_allclose(maps["block4_conv3"], kerascam.score_cam(names["model"], images), atol=1e-5)
+    np.testing.assert_allclose(names["gradcam"], kerascam.grad_cam(names["model"], images), atol=1e-6)
+    assert names["gradcam"].shape == (2, 32, 32) and np.isfinite(names["gradcam"]).all()
 
 
 def test_your_own_model_example_runs(tmp_path):
@@ -36,7 +47,10 @@ def test_your_own_model_example_runs(tmp_path):
     names = {"images": images}
     exec(code.replace('weights="imagenet"', "weights=None"), names)  # no download in a test
     assert names["maps"].shape == (1, 96, 96) and np.isfinite(names["maps"]).all()
+    assert 0 <= names["maps"].min() and names["maps"].max() <= 1
     model = names["model"]
+    # the path the example names is the backbone's last conv, the layer None picks
+    assert kerascam.find_layer(model, "mobilenetv2_1.00_96/Conv_1").layer is kerascam.find_layer(model).layer
     # the preprocessing layer is MobileNetV2's preprocess_input, and the model loads back from a .keras file
     x = images[:, :4, :4]
     np.testing.assert_allclose(np.asarray(model.layers[0](x)),

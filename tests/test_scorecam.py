@@ -3,8 +3,10 @@ import keras
 import numpy as np
 import pytest
 
-from cam import find_layer, normalise_maps, upsample
-from scorecam import score_cam, score_cam_layers
+from kerascam.layers import find_layer
+from kerascam.maps import normalise_maps, upsample
+from kerascam.methods import score_cam
+from kerascam.scoring import score_cam_layers
 
 
 def colour_model(size=8, pool=False):

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, write_image
+import kerascam  # noqa: E402
 
 
 def picture(tmp_path, name="cat.png", size=(50, 70)):
@@ -55,7 +56,7 @@ def test_all_layers_and_class_draw_the_maps_of_that_class(tmp_path, tiny_model_p
     assert done.value.code == 0
     model, _, _ = load_model(tiny_model_path)
     layers = [f"block{b}_conv{c}" for b in range(1, 5) for c in range(1, 4)]
-    expected, _ = scorecam.score_cam_layers(model, read_image(image)[None].astype("float32"), layers, class_index=3,
+    expected, _ = kerascam.scoring.score_cam_layers(model, read_image(image)[None].astype("float32"), layers, class_index=3,
                                             precision="float32")
     assert list(drawn["maps"]) == layers and "map for cat" in drawn["title"]
     for layer in layers:
@@ -146,19 +147,19 @@ def test_preprocess_feeds_a_model_trained_on_preprocessed_pictures_what_it_was_t
                            "float32", "--out", str(tmp_path / f"{mode}.png")])
         assert done.value.code == 0
         probs = model.predict(x, verbose=0)[0]
-        np.testing.assert_allclose(drawn["heat"], scorecam.score_cam(model, x, precision="float32")[0], atol=1e-6)
+        np.testing.assert_allclose(drawn["heat"], kerascam.methods.score_cam(model, x, precision="float32")[0], atol=1e-6)
         assert f"({probs.max():.2f})" in drawn["title"]
         np.testing.assert_array_equal(drawn["shown"], pixels[0].astype(np.uint8))
-    assert not np.allclose(*(scorecam.score_cam(model, x, precision="float32") for x in by_hand.values()))
+    assert not np.allclose(*(kerascam.methods.score_cam(model, x, precision="float32") for x in by_hand.values()))
     (tmp_path / "pics").mkdir()
     image.rename(tmp_path / "pics" / image.name)
     with pytest.raises(SystemExit) as done:  # --folder: the same preprocessing, batch by batch
         scorecam.main(["--folder", str(tmp_path / "pics"), "--model", str(tmp_path / "m.keras"), "--preprocess",
                        "unit", "--precision", "float32", "--out", str(tmp_path / "outs")])
     assert done.value.code in (0, None)
-    heat = scorecam.score_cam(model, by_hand["unit"], precision="float32")[0]
+    heat = kerascam.methods.score_cam(model, by_hand["unit"], precision="float32")[0]
     written = np.asarray(Image.open(tmp_path / "outs" / "cat_scorecam.png"))
-    assert np.abs(written.astype(int) - plots.overlay(read_image(tmp_path / "pics" / image.name), heat)).max() <= 1
+    assert np.abs(written.astype(int) - kerascam.overlay(read_image(tmp_path / "pics" / image.name), heat)).max() <= 1
     grey = keras.Sequential([keras.Input((24, 24, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
                              keras.layers.Dense(2)])
     grey.save(tmp_path / "grey.keras")
@@ -253,10 +254,10 @@ def test_figure_label_names_the_channels_used(tmp_path, monkeypatch, method, max
     assert done.value.code == 0
     assert drawn["label"] == label and f"\n{label}, conv" in drawn["title"]
     x = resize(read_image(image), (24, 24)).astype(np.float32)[None]
-    np.testing.assert_allclose(drawn["heat"], scorecam.score_cam(model, x, max_n=used, precision="float32")[0],
+    np.testing.assert_allclose(drawn["heat"], kerascam.methods.score_cam(model, x, max_n=used, precision="float32")[0],
                                atol=1e-6)
     if used:  # the channels used change the map: a wrong max_n would not pass unseen
-        assert not np.allclose(drawn["heat"], scorecam.score_cam(model, x, precision="float32")[0], atol=1e-3)
+        assert not np.allclose(drawn["heat"], kerascam.methods.score_cam(model, x, precision="float32")[0], atol=1e-3)
 
 
 def test_folder_through_a_model_of_any_input_size_explains_each_picture_at_its_own_size(tmp_path):
@@ -282,10 +283,10 @@ def test_folder_through_a_model_of_any_input_size_explains_each_picture_at_its_o
     assert r.returncode == 0, r.stderr
     for name, size in sizes.items():
         image = read_image(tmp_path / "pics" / f"{name}.png")
-        heat = scorecam.score_cam(model, image[None].astype(np.float32), precision="float32")[0]
+        heat = kerascam.methods.score_cam(model, image[None].astype(np.float32), precision="float32")[0]
         written = np.asarray(Image.open(tmp_path / "out" / f"{name}_scorecam.png"))
         assert written.shape == size + (3,) and heat.shape == size
-        assert np.abs(written.astype(int) - plots.overlay(image, heat)).max() <= 1
+        assert np.abs(written.astype(int) - kerascam.overlay(image, heat)).max() <= 1
     r = run_cli("scorecam.py", "--folder", tmp_path / "pics", "--model", tmp_path / "any.keras", "--devices", "1",
                 "--out", tmp_path / "out2")
     assert r.returncode == 1 and r.stderr.strip() == ("error: --devices needs a model with a fixed input size (this "

@@ -28,8 +28,8 @@ import pytest  # noqa: E402
 import runtime  # noqa: E402,F401
 import keras  # noqa: E402
 
-from gradcam import grad_cam, grad_cam_pp  # noqa: E402
-from scorecam import score_cam  # noqa: E402
+from kerascam.methods import grad_cam, grad_cam_pp  # noqa: E402
+from kerascam.methods import score_cam  # noqa: E402
 
 # Bilinear 2 -> 4 with half-pixel centres (output pixel i samples input coordinate (i + 0.5) / 2 - 0.5,
 # clamped to the edge): -0.25 -> 0, 0.25, 0.75, 1.25 -> 1.

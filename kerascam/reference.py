@@ -1,10 +1,11 @@
 """The plain Score-CAM, one image at a time: the yardstick the fast path is tested against (tests/)
-and timed against (bench.py). It is the original experiment's loop, made to follow cam.py's rules
+and timed against (bench.py). It is the original experiment's loop, made to follow the core's rules
 for layers and scores so that it applies to any model the fast path does."""
 import cv2
 import numpy as np
 
-import cam
+from .graph import explainable
+from .layers import find_layer
 
 
 def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
@@ -12,8 +13,8 @@ def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
     Python loop upsampling (cv2.resize, bilinear) and min-max normalising each channel, then one
     `predict` of that image's masked batch. Returns the (H, W) float32 map in [0, 1] and the
     probabilities (C,)."""
-    ref = cam.find_layer(model, layer)
-    sub = cam.explainable(model, [ref])
+    ref = find_layer(model, layer)
+    sub = explainable(model, [ref])
     acts, _, probs = sub.predict(np.asarray(image, np.float32)[None], verbose=0)
     acts, probs = acts[0], probs[0]
     target = int(np.argmax(probs)) if class_index is None else int(class_index)
