@@ -25,7 +25,8 @@ import numpy as np
 import kerascam
 from kerascam import registry
 from kerascam.devices import check_batch_size
-from kerascam.precision import AUTO_MIN_IMAGES, PRECISIONS
+from kerascam import precision
+from kerascam.precision import PRECISIONS
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cifar10.keras"
 
@@ -138,6 +139,18 @@ def explain_maps(model, x, layers, target, args):
     return registry.explain_layers(args.method, model, x, layers, target, **method_options(args))
 
 
+def warn_blank(model, layer, name, maps):
+    """A `warning:` on stderr where a layer's maps are all zero for every picture (a 1x1 grid, a constant
+    layer), so a blank figure is not silent; the exit status is unchanged."""
+    if not len(maps) or np.any(maps):
+        return
+    h, w = kerascam.pipelines.layer_size(model, layer, maps.shape[1:3])
+    why = (f"its grid is {h}x{w}, one value per channel, so there is nothing to locate" if h * w == 1 else
+           "its activations are constant over the picture or their weighted sum is nowhere positive")
+    print(f"warning: layer {name!r} gives an all-zero map for every picture: {why}; pass --layer with a "
+          "4-D layer of a larger grid (see --help)", file=sys.stderr)
+
+
 def explain_file(model, names, display, image, source, args, path):
     """Compute and draw the figure for one picture into `path` (output_paths)."""
     from plots import layer_grid_figure, single_layer_figure
@@ -148,6 +161,8 @@ def explain_file(model, names, display, image, source, args, path):
     target = parse_class(args.class_name, names)
     layers = kerascam.conv_layers(model) if args.all_layers else [args.layer]
     maps, probs = explain_maps(model, preprocess(x, args.preprocess), layers, target, args)
+    for layer, (name, heat) in zip(layers, maps.items()):
+        warn_blank(model, layer, name, heat)
     probs = probs[0]
     pred = int(probs.argmax())
     parent = Path(source).parent.name
@@ -205,7 +220,7 @@ def folder_results(model, batches, target, args, count):
     height, width, _ = kerascam.input_spec(model)
     if registry.get(args.method).kind == registry.MASKED and height and width:
         options = method_options(args)
-        if options.get("precision") == "auto" and count < AUTO_MIN_IMAGES:
+        if options.get("precision") == "auto" and count < precision.AUTO_MIN_IMAGES:
             options["precision"] = "float32"
         return kerascam.score_cam_stream(model, batches, class_index=target, layers=[args.layer],
                                          devices=args.devices, **options)
@@ -233,7 +248,7 @@ def explain_folder(model, names, display, args):
     if any_size and args.devices is not None:
         raise ValueError("--devices needs a model with a fixed input size (this one explains each picture at its "
                          "own size, one at a time)")
-    skipped, in_flight, records = [], collections.deque(), []
+    skipped, in_flight, records, signal, last = [], collections.deque(), [], False, None
     bar = tqdm(total=len(files), desc=method_label(args), unit="img", mininterval=1)
 
     def batches():
@@ -252,7 +267,8 @@ def explain_folder(model, names, display, args):
 
     try:
         for layer_maps, probs in folder_results(model, batches(), target, args, len(files)):
-            (maps,) = layer_maps.values()
+            ((name, maps),) = layer_maps.items()
+            signal, last = signal or bool(np.any(maps)), (name, maps[:1]) if len(maps) else last
             for path, picture, heat, p in zip(*in_flight.popleft(), maps, probs):
                 with atomic_path(dest[path]) as tmp:
                     Image.fromarray(kerascam.overlay(picture, heat)).save(tmp, format="PNG")
@@ -260,6 +276,8 @@ def explain_folder(model, names, display, args):
                 bar.update(1)
     finally:
         bar.close()
+    if last is not None and not signal:  # every map of the folder all zero
+        warn_blank(model, args.layer, *last)
     report.update_report(args.out, records, skipped, method=output_suffix(args), label=method_label(args))
     return len(records), skipped
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from atomic import atomic_path, write_text  # noqa: E402
 from data.augment import AUGMENTATIONS, EXTRAS, MIXES, augmentation  # noqa: E402
 from data.folder import SEEDS, split_options  # noqa: E402
+from kerascam.devices import resolve_devices  # noqa: E402
 from model import build_model, classes_path, load_model, save_model  # noqa: E402
 
 MIN_IMAGE_SIZE = 16  # build_model's smallest input: its 4 blocks each halve the picture
@@ -495,7 +496,7 @@ def train(args, extra_callbacks=()):
         raise ValueError(f"{run} holds a finished run; pass --overwrite or choose another --out")
     check_out_outside_data(args)
     check_resumable(run, args)
-    devices = runtime.resolve_devices(args.devices)
+    devices = resolve_devices(args.devices)
     if args.batch_size % len(devices):
         raise ValueError(f"--batch-size {args.batch_size} does not divide evenly over {len(devices)} devices; "
                          f"pass a multiple of {len(devices)}")
@@ -596,7 +597,7 @@ def report(args, run, model_path, x_val, y_val, val_name, seconds):
                "recipe": {k: getattr(args, k) for k in RECIPES["original"]},
                "val_split": args.val_split, "seed": args.seed, "split_seed": args.split_seed,
                "backend": keras.backend.backend(),
-               "devices": runtime.resolve_devices(args.devices),
+               "devices": resolve_devices(args.devices),
                "confusion_matrix": matrix.tolist(), "classes": names}
     write_text(run / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     if accuracy is not None:

@@ -1,15 +1,32 @@
-"""Which layer: lookup by name, path or object through nested models at any depth, and the conv rule.
+"""Which layer: lookup by name, path or object through nested models at any depth, the default rule and
+the conv rule.
 
   find_layer(model, layer): a layer name searched through nested models at any depth (a
   transfer-learning backbone inside a Sequential or functional model), a path such as
   "mobilenetv2_0.35_64/Conv_1" when a name is ambiguous ("/conv": the top model's own), or a
-  keras.layers.Layer; any layer whose output is 4-D (N, h, w, K). None: the last Conv2D-family layer.
+  keras.layers.Layer; any layer whose output is 4-D (N, h, w, K). An operation recorded in a functional
+  graph (`x + y`, keras.ops.concatenate) whose output is 4-D is addressed the same way, by the name
+  model.summary() shows ("add_17"): its LayerRef holds the keras.Operation as `layer`.
+  None: default_layer, the last block output on the output's path whose grid is larger than 1 x 1.
 """
 import collections
 
 import keras
 
+from .cache import derived
+
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
+# the default rule's block outputs: nonlinear layers, merges of branches; normalisations follow linear branches
+ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.PReLU,
+                     keras.layers.ELU, keras.layers.Softmax)
+MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Multiply, keras.layers.Maximum,
+                keras.layers.Minimum, keras.layers.Average, keras.layers.Subtract)
+NORMALIZATIONS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                  keras.layers.GroupNormalization)
+ACTIVATION_OPS = {"relu", "relu6", "elu", "selu", "celu", "gelu", "glu", "silu", "swish", "hardsilu", "hardswish",
+                  "leakyrelu", "sigmoid", "hardsigmoid", "tanh", "hardtanh", "softplus", "softsign", "sparseplus",
+                  "squareplus", "logsigmoid", "mish", "maximum", "minimum", "abs", "absolute", "square"}
+MERGE_OPS = {"add", "subtract", "multiply", "concatenate", "average", "stack"}
 
 LayerRef = collections.namedtuple("LayerRef", "path layer")  # path: names from the top model down
 
@@ -20,18 +37,53 @@ def is_container(layer):
                                                    and hasattr(layer, "_run_through_graph"))
 
 
+def is_operation(layer):
+    """An operation recorded in a functional graph (keras.ops.add, `x + y`), not a layer."""
+    return isinstance(layer, keras.Operation) and not isinstance(layer, keras.layers.Layer)
+
+
 def children(model):
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def all_layers(model, prefix=()):
+def _level(model):
+    """[(layer or operation, its one node in this model or None)] of one model level, in call order
+    (None: a layer called several times here, or a Sequential never built)."""
+    if isinstance(model, keras.Sequential):
+        graph, ops = getattr(model, "_functional", None), children(model)
+    else:
+        graph = model
+        ops = [op for op in model.operations if not isinstance(op, keras.layers.InputLayer)]
+    if graph is None:
+        return [(op, None) for op in ops]
+    ids = {id(node) for nodes in graph._nodes_by_depth.values() for node in nodes}
+    level = []
+    for op in ops:
+        mine = [node for node in op._inbound_nodes if id(node) in ids]
+        level.append((op, mine[0] if len(mine) == 1 else None))
+    return level
+
+
+def _output_shape(node):
+    return tuple(node.outputs[0].shape) if node is not None and len(node.outputs) == 1 else None
+
+
+def _is_4d(node):
+    shape = _output_shape(node)
+    return shape is not None and len(shape) == 4
+
+
+def all_layers(model, prefix=(), operations=False):
     """Every layer of the model at any depth, as LayerRefs, depth first in call order; a nested
-    model comes right after its own layers."""
+    model comes right after its own layers. operations=True adds the functional graphs' operations
+    whose output is 4-D (the ones that can be explained), in their place."""
     refs = []
-    for layer in children(model):
+    for layer, node in (_level(model) if operations else [(layer, None) for layer in children(model)]):
+        if is_operation(layer) and not _is_4d(node):
+            continue
         path = prefix + (layer.name,)
         if is_container(layer):
-            refs += all_layers(layer, path)
+            refs += all_layers(layer, path, operations)
         refs.append(LayerRef(path, layer))
     return refs
 
@@ -43,13 +95,14 @@ def path_name(ref):
 def passable_path(model, ref):
     """The path as find_layer takes it back: "/conv" for the top model's own "conv" where a nested layer
     shares the name (a bare "conv" would be ambiguous), path_name otherwise."""
-    shared = len(ref.path) == 1 and sum(r.path[-1] == ref.path[0] for r in all_layers(model)) > 1
+    refs = all_layers(model, operations=True)
+    shared = len(ref.path) == 1 and sum(r.path[-1] == ref.path[0] for r in refs) > 1
     return "/" * shared + path_name(ref)
 
 
 def at_path(model, path):
-    """The LayerRef at exactly this path (a tuple of names)."""
-    found = [ref for ref in all_layers(model) if ref.path == tuple(path)]
+    """The LayerRef at exactly this path (a tuple of names), operations included."""
+    found = [ref for ref in all_layers(model, operations=True) if ref.path == tuple(path)]
     if not found:
         raise ValueError(f"no layer at {'/'.join(path)!r}")
     return found[0]
@@ -65,6 +118,84 @@ def conv_layers(model):
     return [ref for ref in all_layers(model) if is_conv(ref.layer)]
 
 
+# ---------------------------------------------------------------- the default layer
+
+def _walk(model, prefix=(), after=()):
+    """(LayerRef, its node, the layers and operations its output feeds) for every layer and operation at
+    any depth, in all_layers' order; the layer giving a nested model's output feeds what that model feeds."""
+    level = _level(model)
+    feeds = collections.defaultdict(list)
+    for op, node in level:
+        for tensor in (node.input_tensors if node is not None else ()):
+            feeds[id(tensor._keras_history.operation)].append(op)
+    if level and model.outputs:
+        feeds[id(model.outputs[0]._keras_history.operation)].extend(after)
+    for op, node in level:
+        path = prefix + (op.name,)
+        if is_container(op):
+            yield from _walk(op, path, feeds[id(op)])
+        yield LayerRef(path, op), node, feeds[id(op)]
+
+
+def _nonlinear(layer):
+    """An activation (layer, operation or a layer's own activation="relu"), or a max/min."""
+    if is_operation(layer):
+        return type(layer).__name__.lower() in ACTIVATION_OPS
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", type(activation).__name__) if activation is not None else ""
+    if isinstance(layer, keras.layers.Activation) or activation is not None:
+        return name not in ("", "linear", "identity")
+    return isinstance(layer, ACTIVATION_LAYERS)
+
+
+def _merge(layer, node):
+    """A merge of two branches or more (a residual add, a concatenation, a gate), as a layer or an operation."""
+    kind = isinstance(layer, MERGE_LAYERS) or (is_operation(layer) and type(layer).__name__.lower() in MERGE_OPS)
+    return kind and len(node.input_tensors) >= 2
+
+
+def is_block_output(layer, node, feeds):
+    """The default rule's block output: after the nonlinearity or the merge of a block; a linear conv
+    counts only where no normalisation follows it (it is then the block's last layer, not a branch
+    before its BatchNorm)."""
+    if _nonlinear(layer):
+        return True
+    if not (_merge(layer, node) or is_conv(layer)):
+        return False
+    return not any(isinstance(f, NORMALIZATIONS) for f in feeds)
+
+
+def default_layer(model):
+    """The layer None picks: the last block output (is_block_output) on the output's path whose grid is
+    larger than 1 x 1; failing that the last 4-D layer with such a grid, then the last 4-D layer."""
+    def find():
+        tiers = ([], [], [])
+        for ref, node, feeds in _walk(model):
+            shape = _output_shape(node)
+            if is_container(ref.layer) or shape is None or len(shape) != 4:
+                continue
+            wide = shape[1:3] != (1, 1)
+            if wide and is_block_output(ref.layer, node, feeds):
+                tiers[0].append(ref)
+            if wide:
+                tiers[1].append(ref)
+            tiers[2].append(ref)
+        found = next((tier[-1] for tier in tiers if tier), None)
+        if found is None:
+            raise ValueError("the model has no layer with a 4-D (N, h, w, K) output to explain")
+        return found
+
+    return derived(model, ("default_layer",), find)
+
+
+# ---------------------------------------------------------------- lookup
+
+def candidates(model):
+    """The LayerRefs that can be explained: every layer and operation with a 4-D output (nested models
+    themselves left out: name their layers)."""
+    return [ref for ref, node, _ in _walk(model) if _is_4d(node) and not is_container(ref.layer)]
+
+
 def _listing(refs, limit=12):
     names = [path_name(r) for r in refs]
     return ", ".join(names if len(names) <= limit else ["..."] + names[-limit:])
@@ -75,7 +206,7 @@ def _matches(refs, layer):
     if isinstance(layer, LayerRef):  # one of all_layers(model)'s, e.g. from conv_layers
         return [r for r in refs if r.path == tuple(layer.path) and r.layer is layer.layer], \
             f"layer {path_name(layer)!r}"
-    if isinstance(layer, keras.layers.Layer):
+    if isinstance(layer, keras.Operation):
         return [r for r in refs if r.layer is layer], f"layer object {layer.name!r}"
     if isinstance(layer, str) and "/" in layer:
         return [r for r in refs if path_name(r) == layer.strip("/")], f"layer path {layer!r}"
@@ -85,19 +216,16 @@ def _matches(refs, layer):
 
 
 def find_layer(model, layer=None):
-    """The LayerRef of `layer` (None, a name, a path "outer/inner", a Layer or a LayerRef); a ValueError that
-    lists the candidates otherwise."""
-    refs = all_layers(model)
-    convs = [r for r in refs if is_conv(r.layer)]
+    """The LayerRef of `layer` (None, a name, a path "outer/inner", a Layer, an Operation or a LayerRef); a
+    ValueError that lists the 4-D candidates otherwise."""
     if layer is None:
-        if not convs:
-            raise ValueError("the model has no Conv2D-family layer; pass layer= (any layer with a 4-D output)")
-        return convs[-1]
-    found, what = _matches(refs, layer)
+        return default_layer(model)
+    found, what = _matches(all_layers(model, operations=True), layer)
     if not found:
         named = "no layer named" if isinstance(layer, str) and "/" not in layer else "no"
         subject = repr(layer) if named == "no layer named" else what
-        raise ValueError(f"{named} {subject} in the model; conv layers: {_listing(convs) or 'none'}")
+        raise ValueError(f"{named} {subject} in the model; layers with a 4-D output: "
+                         f"{_listing(candidates(model)) or 'none'}")
     if len(found) > 1:
         paths = ", ".join(passable_path(model, r) for r in found)
         raise ValueError(f"{what} is ambiguous; pass one of these paths: {paths}")

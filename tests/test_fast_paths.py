@@ -204,8 +204,8 @@ def test_folder_cli_streams_pictures_and_counts_unreadable_files(tmp_path, tiny_
     assert "wrote 5 overlay(s)" in r.stdout and "skipped 2 unreadable file(s)" in r.stdout
     assert "skipped: " in r.stderr and "broken.jpg" in r.stderr and "notes.txt" in r.stderr
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["a_scorecam.png", "b_scorecam.png", "sub/a_jpg_scorecam.png", "sub/a_png_scorecam.png",
-                       "sub/c_scorecam.png"]  # no temporary file left behind
+    assert written == ["a_scorecam.png", "b_scorecam.png", "index.html", "report.json", "sub/a_jpg_scorecam.png",
+                       "sub/a_png_scorecam.png", "sub/c_scorecam.png"]  # no temporary file left behind
     assert Image.open(out / "b_scorecam.png").size == (50, 40)  # the overlay is at the picture's size
     # then in-process (the same main(); a process start costs seconds): a clean folder exits 0, and a rerun
     # does not take the overlays it wrote inside the folder for inputs

@@ -220,7 +220,8 @@ def test_folder_outputs_are_named_after_the_method_and_never_clash(tmp_path, tin
         assert "wrote 3 overlay(s)" in r.stdout
     expected = {f"{stem}_{method}.png": sizes[source] for method in ("scorecam", "gradcam")
                 for source, stem in (("a.jpg", "a_jpg"), ("a.png", "a_png"), ("a_jpg.png", "a_jpg_2"))}
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == sorted(expected)
+    assert {p.name for p in out.iterdir() if p.suffix != ".png"} == {"index.html", "report.json"}
     for name, (height, width) in expected.items():
         assert Image.open(out / name).size == (width, height), name
 
