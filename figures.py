@@ -99,13 +99,23 @@ def schedule_figure(runs_dir, path):
     schedule_comparison(panels, path, title="CIFAR-10: one-cycle recipe runs", ymin=0.6)
 
 
+def demo_figure(model, names, display, path):
+    """The README's first picture: what `python scorecam.py` draws (scikit-image's cat), in float32."""
+    import scorecam
+
+    args = scorecam.parser().parse_args(["--precision", "float32"])
+    image, _ = scorecam.demo_image()
+    scorecam.explain_file(model, names, display, image, "chelsea.png", args, path)
+
+
 def cifar_figures(data_dir, out):
     from data.cifar10 import load_cifar10
 
     found = shipped("cifar10")
     if found is None:
         return
-    model, names, _, history_csv, _ = found
+    model, names, display, history_csv, _ = found
+    demo_figure(model, names, display, out / "chelsea_scorecam.png")
     _, (x_test, y_test), data_names = load_cifar10(data_dir, train=False)
     if len(data_names) != len(names):
         raise ValueError(f"the CIFAR-10 data has {len(data_names)} classes, the model {len(names)}")

@@ -8,6 +8,7 @@ from data.cifar10 import CLASS_NAMES
 
 LAYER_FIGURES = {f"cifar10_layers_{i}.png" for i in range(1, 6)}
 DATA_FIGURES = LAYER_FIGURES | {"cifar10_grid.png"}  # Score-CAM on the data given: here a tiny stand-in
+DATA_FIGURES |= {"chelsea_scorecam.png"}  # the demo, as `python scorecam.py` draws it
 HISTORY_FIGURES = {"cifar10_acc.png", "cifar10_loss.png", "cifar10_schedules.png"}  # models/ alone
 
 
