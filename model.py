@@ -119,6 +119,11 @@ def load_model(path):
         num_classes = kerascam.num_classes(model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    shapes = [tuple(t.shape) for t in model.inputs], [tuple(t.shape) for t in model.outputs]
+    if len(shapes[0]) != 1 or len(shapes[1]) != 1 or len(shapes[0][0]) != 4 or len(shapes[1][0]) != 2:
+        raise ValueError(f"{path}: the model takes {shapes[0]} and gives {shapes[1]}; the command line explains "
+                         "image classifiers, one (N, H, W, C) input and one (N, classes) output (the Python API "
+                         "takes input=, output= and target= for the others: see docs/your-own-model.md)")
     if not isinstance(model, keras.Sequential):
         model = single_output(model)  # files saved elsewhere may hold outputs=[probs]
     meta_path = classes_path(path)

@@ -6,7 +6,8 @@
     picture = kerascam.overlay(image_uint8, maps[0])
 
 Every method is in kerascam.METHODS (registry.py), with its kind and options; kerascam.explain runs any
-of them by name. Importing the package imports Keras on the backend KERAS_BACKEND names and changes
+of them by name. Every method also takes input=, output=, reshape= (views.py) and target= (targets.py):
+vision transformers' token layers, models of several inputs or outputs, any score, 1-D and 3-D data. Importing the package imports Keras on the backend KERAS_BACKEND names and changes
 nothing else: no logging, no file descriptors, no environment variables.
 """
 from .layers import all_layers, conv_layers, find_layer
@@ -18,6 +19,7 @@ from .methods import (center_map, eigen_cam, faster_score_cam, grad_cam, grad_ca
                       random_map, score_cam)
 from .overlays import colorize, overlay
 from .reference import naive_score_cam
+from . import targets, views
 
 __version__ = "1.0.0"
 
@@ -29,6 +31,9 @@ __all__ = [
     "explain", "explain_layers", "METHODS", "Method", "KINDS", "register", "label",
     # Score-CAM over several layers, over a stream of batches, and its precision
     "score_cam_layers", "score_cam_stream", "auto_precision",
+    # what is explained: targets (kerascam.targets: probability, logit, regression, segmentation, similarity)
+    # and the view of a model of several inputs or outputs or of a token layer (kerascam.views)
+    "targets", "views",
     # layers, classes and targets, scores
     "find_layer", "conv_layers", "all_layers", "target_classes", "predict_probabilities", "num_classes",
     "input_spec", "explainable", "check_images",

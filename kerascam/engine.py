@@ -25,38 +25,49 @@ from .cache import derived
 from .copies import bfloat16_copy, replicated_copy
 from .devices import check_batch_size
 from .errors import reason
-from .graph import explainable_cached, num_classes
+from .graph import explainable_cached, is_classifier, num_classes
 from .layers import at_path, find_layer
-from .maps import PIXEL_BUDGET, check_images, finish_maps, target_classes, weighted_sum
+from .views import DEFAULT
+from .maps import PIXEL_BUDGET, check_inputs, finish_maps, resize, target_classes, weighted_sum
+from .targets import takes
 
 TAIL_MIN = 16
+VALUES = {"outputs": -3, "scores": -2, "probabilities": -1}  # where graph.explainable puts what a target takes
 
 
 class MaskedScores(keras.Model):
-    """One compiled step of Score-CAM: for P (image, channel) pairs, the probability of the target
-    class on image * mask, the mask being the pair's channel upsampled bilinearly to the input size
-    and min-max normalised; 0 for a constant channel (the reference skips those).
+    """One compiled step of Score-CAM: for P (image, channel) pairs, the score of image * mask, the mask
+    being the pair's channel upsampled (bi/trilinearly) to the input size and min-max normalised; 0 for a
+    constant channel (the reference skips those). The score is the target class's probability, or the
+    target's score (targets.py) where one is given.
 
-    Inputs: images (U, H, W, C) float32, the distinct images of the pairs; acts (P, h, w) float32,
-    each pair's channel at the layer's resolution; index (P,) int32, the pair's row in images;
-    target (P,) int32, the class to score. Output: (P,) float32. `net` is graph.explainable(model).
+    Inputs: the distinct pictures of the pairs, one (U, ...) array per model input (`image` the masked one,
+    float32); acts (P, *grid) float32, each pair's channel at the layer's resolution; index (P,) int32,
+    the pair's row in the pictures; pick (P,) int32, the class to score, or with a target the pair's
+    picture in the call. Output: (P,) float32. `net` is graph.explainable(model).
     """
 
-    def __init__(self, net, size, **kwargs):
+    def __init__(self, net, size, image=0, target=None, **kwargs):
         super().__init__(**kwargs)
-        self.net = net
+        self.net, self.image, self.score_target = net, image, target
         self.size = tuple(int(s) for s in size)
 
     def call(self, inputs):
         ops = keras.ops
-        images, acts, index, target = inputs
-        up = ops.image.resize(ops.expand_dims(acts, -1), self.size, interpolation="bilinear")
-        low = ops.min(up, axis=(1, 2, 3), keepdims=True)
-        span = ops.max(up, axis=(1, 2, 3), keepdims=True) - low
+        *pictures, acts, index, pick = inputs
+        up = resize(ops.expand_dims(acts, -1), self.size)
+        axes = tuple(range(1, len(up.shape)))
+        low = ops.min(up, axis=axes, keepdims=True)
+        span = ops.max(up, axis=axes, keepdims=True) - low
         varies = span > 0
         masks = ops.where(varies, (up - low) / ops.where(varies, span, ops.ones_like(span)), ops.zeros_like(up))
-        probs = self.net(ops.take(images, index, axis=0) * masks, training=False)[-1]
-        scores = ops.take_along_axis(probs, ops.expand_dims(target, -1), axis=1)[:, 0]
+        given = [ops.take(p, index, axis=0) * masks if i == self.image else ops.take(p, index, axis=0)
+                 for i, p in enumerate(pictures)]
+        outputs = self.net(given[0] if len(given) == 1 else given, training=False)
+        if self.score_target is None:
+            scores = ops.take_along_axis(outputs[-1], ops.expand_dims(pick, -1), axis=1)[:, 0]
+        else:
+            scores = ops.cast(self.score_target(outputs[VALUES[takes(self.score_target)]], pick), "float32")
         return ops.where(ops.reshape(varies, (-1,)), scores, ops.zeros_like(scores))
 
 
@@ -118,7 +129,8 @@ class PairQueue:
         return self.queued
 
     def take(self, take, run):
-        """The next `take` pairs as one batch of `run` rows: (distinct images, channels, index, target)."""
+        """The next `take` pairs as one batch of `run` rows: (distinct pictures of each input, channels, index,
+        pick)."""
         images, acts, index, target, rows, need = [], [], [], [], 0, take
         while need:
             entry = self.waiting[0]
@@ -129,13 +141,16 @@ class PairQueue:
             if entry[1] == len(chunk.pairs[self.name][0]):
                 self.waiting.popleft()
             lo, hi = int(img[0]), int(img[-1]) + 1
-            images.append(chunk.x[lo:hi])
+            images.append([a[lo:hi] for a in chunk.x])
             index.append(img - lo + rows)
             rows += hi - lo
-            acts.append(chunk.acts[self.name][img, :, :, ch])
+            acts.append(chunk.acts[self.name][img, ..., ch])
             target.append(chunk.targets[img])
-        x = np.zeros((1 << (rows - 1).bit_length(),) + images[0].shape[1:], dtype=np.float32)  # few shapes
-        np.concatenate(images, out=x[:rows])
+        distinct = 1 << (rows - 1).bit_length()  # padded to a power of two: few shapes
+        x = []
+        for k, first in enumerate(images[0]):
+            x.append(np.zeros((distinct,) + first.shape[1:], dtype=first.dtype))
+            np.concatenate([batch[k] for batch in images], out=x[-1][:rows])
         a = np.zeros((run,) + acts[0].shape[1:], dtype=np.float32)
         np.concatenate(acts, out=a[:take])
         idx, tgt = np.zeros(run, dtype=np.int32), np.zeros(run, dtype=np.int32)
@@ -164,8 +179,12 @@ class PairQueue:
 class Explainer:
     """Streams (images, class_index) batches through the explainable graph and the masked-scores graph."""
 
-    def __init__(self, model, layers, batch_size, max_n, precision, chunk=None, devices=None):
+    def __init__(self, model, layers, batch_size, max_n, precision, chunk=None, devices=None, view=DEFAULT,
+                 target=None):
         self.devices = check_batch_size(batch_size, devices)
+        if target is None and not is_classifier(model, view.output):
+            raise ValueError(f"the explained output is {tuple(model.outputs[view.output].shape)}, not (N, classes): "
+                             "pass target= (kerascam.targets: regression, segmentation, similarity, or your own)")
         if len(self.devices) > 1 and precision == "bfloat16":
             raise ValueError("devices= runs in float32; pass precision='float32' (or 'auto')")
         refs = {ref.path: ref for ref in (find_layer(model, layer) for layer in layers)}
@@ -175,10 +194,11 @@ class Explainer:
             self.net, self.distribution = replicated_copy(model, self.devices)
         else:
             self.net = bfloat16_copy(model) if precision == "bfloat16" else model
-        self.tapped = explainable_cached(self.net, [at_path(self.net, path) for path in refs])
-        self.model, self.classes = model, num_classes(model)
+        self.tapped = explainable_cached(self.net, [at_path(self.net, path) for path in refs], view=view)
+        self.model, self.view, self.target = model, view, target
+        self.classes = num_classes(model, view.output) if target is None else None
         self.batch_size, self.max_n = int(batch_size), max_n
-        per_image = max(int(t.shape[-1]) for t in self.tapped.outputs[:-2])
+        per_image = max(int(t.shape[-1]) for t in self.tapped.outputs[:-3])
         self.per_image = min(per_image, self.max_n or per_image)
         self.chunk_given = bool(chunk)
         self.chunk = int(chunk) if chunk else max(1, 4 * self.batch_size // self.per_image)
@@ -189,14 +209,14 @@ class Explainer:
     def explain(self, parts):
         """Yield (maps {layer: (n, H, W)}, probabilities (n, C)) for each (images, class_index)."""
         for images, class_index in parts:
-            images, class_index = self._check(images, class_index)
-            n = len(images)
-            out = ({name: np.zeros((n,) + tuple(images.shape[1:3]), np.float32) for name in self.names},
-                   np.zeros((n, self.classes), np.float32))
+            inputs, class_index = self._check(images, class_index)
+            n = len(inputs[self.view.input])
+            out = ({name: np.zeros((n,) + tuple(self.size), np.float32) for name in self.names},
+                   np.zeros((n,) if self.target else (n, self.classes), np.float32))
             for start in range(0, max(n, 1), self.chunk):
                 rows = slice(start, min(n, start + self.chunk))
                 classes = class_index if np.ndim(class_index) == 0 else np.asarray(class_index)[rows]
-                self._add(out, rows, images[rows], classes, last=rows.stop >= n)
+                self._add(out, rows, [a[rows] for a in inputs], classes, last=rows.stop >= n)
                 for queue in self.queues.values():
                     while queue.queued - queue.scored >= self.batch_size:
                         self._score(queue, self.batch_size, self.batch_size)
@@ -207,16 +227,17 @@ class Explainer:
         yield from self._finished()
 
     def _check(self, images, class_index):
-        """The batch's images checked (one size per explainer), its classes checked before any work."""
-        images = check_images(self.model, images)
+        """The batch's inputs checked (one size per explainer), its classes checked before any work."""
+        inputs = check_inputs(self.model, images, self.view.input)
+        images = inputs[self.view.input]
         if self.size is None:
-            self.size = images.shape[1:3]
+            self.size = images.shape[1:-1]
             self._fit_batch()
-        elif images.shape[1:3] != self.size and len(images):
-            raise ValueError(f"all images of one call must share a size: {self.size} and {images.shape[1:3]}")
+        elif images.shape[1:-1] != self.size and len(images):
+            raise ValueError(f"all images of one call must share a size: {self.size} and {images.shape[1:-1]}")
         if class_index is not None:  # ints, one for all or one per image, in range
             class_index = target_classes(class_index, np.zeros((len(images), self.classes), np.float32))
-        return images, class_index
+        return inputs, class_index
 
     def _fit_batch(self):
         """batch_size (and the chunk it sets) lowered to PIXEL_BUDGET pixels a masked batch for the images'
@@ -229,27 +250,48 @@ class Explainer:
                 self.chunk = max(1, 4 * fits // self.per_image)
 
     def _activations(self, x):
-        """(activations of each layer, probabilities) of the images x, one pass through the tapped graph."""
+        """(activations of each layer, the explained values of the head) of the inputs x, one pass through the
+        tapped graph: the probabilities, or with a target its values (VALUES). The rows are padded to a power of
+        two (at most the chunk), so a shape-specialising compiler (JAX) compiles a few programs, not one per
+        count of pictures a call leaves for its last chunk."""
+        rows = len(x[0])
+        padded = max(rows, min(1 << (rows - 1).bit_length(), self.chunk))
+        if padded > rows:
+            x = [np.concatenate([a, np.zeros((padded - rows,) + a.shape[1:], a.dtype)]) for a in x]
         try:
-            *layer_acts, _, probs = self.tapped.predict_on_batch(x)
+            *layer_acts, output, scores, probs = (v[:rows] for v in self.tapped.predict_on_batch(
+                x[0] if len(x) == 1 else x))
         except Exception as e:  # maths that will not run in bfloat16 (a TensorFlow op on a float32 constant)
             if self.precision != "bfloat16":
                 raise
             raise ValueError(f"this model does not run in bfloat16 ({reason(e)}); pass precision='float32'") from None
         acts = [np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0) for a in layer_acts]
-        return acts, np.asarray(probs, dtype=np.float32)
+        values = (output, scores, probs)[VALUES[takes(self.target)]] if self.target else probs
+        return acts, np.asarray(values, dtype=np.float32)
+
+    def _picks(self, rows, classes, values):
+        """(what each picture's pairs score: its class, or with a target its row in the call; the pictures'
+        probabilities, or their target scores)."""
+        if self.target is None:
+            return target_classes(classes, values).astype(np.int32), values
+        index = np.arange(rows.start, rows.stop, dtype=np.int32)
+        scores = np.asarray(keras.ops.convert_to_numpy(self.target(keras.ops.convert_to_tensor(values), index)))
+        if scores.shape != (len(index),):
+            raise ValueError(f"the target returned shape {scores.shape} for {len(index)} pictures; it must return one "
+                             "score per row, shape (rows,)")
+        return index, scores
 
     def _add(self, out, rows, x, classes, last):
         acts, pairs, targets = {}, {}, np.zeros(0, np.int32)
-        if len(x):
-            layer_acts, probs = self._activations(x)
-            targets = target_classes(classes, probs).astype(np.int32)
-            out[1][rows] = probs
+        if len(x[self.view.input]):
+            layer_acts, values = self._activations(x)
+            targets, out[1][rows] = self._picks(rows, classes, values)
             for name, a in zip(self.names, layer_acts):
                 acts[name], pairs[name] = a, varying_pairs(a, self.max_n)
         for name in self.names:
             pairs.setdefault(name, (np.zeros(0, np.int64),) * 2)
-        chunk = Chunk(out, rows, x, acts, targets, pairs, {}, last)
+        chunk = Chunk(out, rows, [a.astype(np.float32) if k == self.view.input else a for k, a in enumerate(x)],
+                      acts, targets, pairs, {}, last)
         for name, queue in self.queues.items():
             chunk.ends[name] = queue.add(chunk)
         self.in_flight.append(chunk)
@@ -257,17 +299,18 @@ class Explainer:
     def _score(self, queue, take, run):
         """Score the next `take` queued pairs of one layer in one batch of `run` >= take."""
         x, a, idx, tgt = queue.take(take, run)
-        scorer = derived(self.net, ("masked_scores", tuple(self.size)),
-                         lambda: MaskedScores(explainable_cached(self.net), self.size))
+        scorer = derived(self.net, ("masked_scores", tuple(self.size), self.view, self.target),
+                         lambda: MaskedScores(explainable_cached(self.net, view=self.view), self.size, self.view.input,
+                                              self.target))
         if self.distribution is None:
-            scores = scorer.predict_on_batch((x, a, idx, tgt))
+            scores = scorer.predict_on_batch((*x, a, idx, tgt))
         else:  # the pairs sharded over the devices, the few distinct images on every device
             with self.distribution.scope():
                 shard = lambda v: keras.distribution.distribute_tensor(  # noqa: E731
                     v, self.distribution.get_data_layout(v.shape))
-                whole = keras.distribution.TensorLayout([None] * x.ndim, self.distribution.device_mesh)
-                scores = scorer.predict_on_batch((keras.distribution.distribute_tensor(x, whole), shard(a),
-                                                  shard(idx), shard(tgt)))
+                whole = [keras.distribution.distribute_tensor(v, keras.distribution.TensorLayout(
+                    [None] * v.ndim, self.distribution.device_mesh)) for v in x]
+                scores = scorer.predict_on_batch((*whole, shard(a), shard(idx), shard(tgt)))
         queue.put(scores, take)
 
     def _finished(self):
@@ -279,7 +322,7 @@ class Explainer:
                 yield chunk.out
 
     def _finish(self, chunk):
-        if not len(chunk.x):
+        if not len(chunk.x[self.view.input]):
             return
         for name, queue in self.queues.items():
             img, ch = chunk.pairs[name]

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 
 from .graph import explainable_cached
+from .targets import takes
+from .views import DEFAULT
 
 
 def _gradient_tensorflow(f, x):
@@ -42,24 +44,33 @@ def gradient(f, x):
     return GRADIENTS[backend](f, x)
 
 
-def layer_gradients(model, ref, images, class_index):
-    """(A, dS/dA) as float64 arrays (N, h, w, K): the layer's activation and the gradient of the
-    target class's pre-softmax score S there. class_index: per-image ints, -1 for the predicted class."""
-    net = explainable_cached(model, [ref], perturb=True)
-    x = keras.ops.convert_to_tensor(images)
-    shape = net.inputs[1].shape
-    if any(s is None for s in shape[1:]):
-        shape = explainable_cached(model, [ref]).predict_on_batch(images)[0].shape
-    zero = np.zeros((len(images),) + tuple(shape[1:]), np.float32)
+def layer_gradients(model, ref, inputs, class_index, view=DEFAULT, target=None, index=None):
+    """(A, dS/dA) as float64 arrays (N, *grid, K): the layer's activation on the image input's grid and the
+    gradient of the score S there: the target class's pre-softmax score (class_index: per-image ints, -1 for
+    the predicted class), or the target's (targets.py) for the pictures' rows `index` in the call.
+    inputs: one array per model input."""
+    net = explainable_cached(model, [ref], perturb=True, view=view)
+    x = [keras.ops.convert_to_tensor(a) for a in inputs]
+    shape = net.inputs[-1].shape
+    if any(s is None for s in shape[1:]):  # a model of any size: the layer's size for these pictures
+        shape = explainable_cached(model, [ref], view=view).predict_on_batch(inputs if len(x) > 1 else inputs[0])[0]
+        shape = shape.shape
+    zero = np.zeros((len(inputs[view.input]),) + tuple(shape[1:]), np.float32)
     given = keras.ops.convert_to_tensor(np.asarray(class_index, dtype=np.int32))
+    rows = keras.ops.convert_to_tensor(np.asarray(index if index is not None else np.arange(len(zero)), np.int32))
 
     def picked_score(delta):
-        acts, scores, _ = net([x, delta], training=False)
+        acts, *_, output, scores, probs = net(x + [delta], training=False)
+        if target is not None:
+            values = {"outputs": output, "scores": scores, "probabilities": probs}[takes(target)]
+            return keras.ops.sum(keras.ops.cast(target(values, rows), "float32")), acts
         predicted = keras.ops.cast(keras.ops.argmax(scores, axis=-1), "int32")
         targets = keras.ops.where(given >= 0, given, predicted)
         value = keras.ops.sum(keras.ops.take_along_axis(scores, targets[:, None], axis=1))
         return value, acts
 
     grads, acts = gradient(picked_score, zero)
+    if net.grids[0] is not None:  # the gradient at the layer's raw output, laid on the grid as the activation is
+        grads = net.grids[0](grads)
     return (np.asarray(keras.ops.convert_to_numpy(acts), dtype=np.float64),
             np.asarray(keras.ops.convert_to_numpy(grads), dtype=np.float64))

@@ -18,29 +18,21 @@ import keras
 import numpy as np
 
 from .cache import derived
+from . import views
 from .layers import all_layers, children, is_container, path_name
 
 
-def _check_classifier(model):
+def check_model(model):
+    """A built Sequential or functional model of channels-last layers; a ValueError saying what to change."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"expected a keras.Model, got {type(model).__name__}")
     try:
-        inputs, outputs = model.inputs, model.outputs
+        inputs = model.inputs
     except (AttributeError, ValueError):
-        inputs = outputs = None
+        inputs = None
     if not inputs or not is_container(model):
         raise ValueError("the model must be a built Sequential or functional Keras model (give it a keras.Input); "
                          "subclassed models cannot be explained layer by layer")
-    if len(inputs) != 1:
-        raise ValueError(f"the model has {len(inputs)} inputs; only single-input image classifiers are supported")
-    if len(outputs) != 1:
-        raise ValueError(f"the model has {len(outputs)} outputs; only classifiers with one (N, classes) output "
-                         "are supported")
-    if len(inputs[0].shape) != 4:
-        raise ValueError(f"the model's input is {tuple(inputs[0].shape)}; images (N, H, W, C) are supported")
-    if len(outputs[0].shape) != 2:
-        raise ValueError(f"the model's output is {tuple(outputs[0].shape)}; classifiers with one (N, classes) "
-                         "output are supported")
     first = next((ref for ref in all_layers(model) if getattr(ref.layer, "data_format", None) == "channels_first"),
                  None)
     if first is not None:  # masks, activations and maps are all (N, H, W, C): the wrong axes would pass silently
@@ -59,8 +51,8 @@ def _keeps_values(layer):
     return not isinstance(layer, keras.layers.Layer) and type(layer).__name__ == "Cast"
 
 
-def _output_path(model):
-    """Names from the top model down to the layer that produces the output's values (before any
+def _output_path(model, output=0):
+    """Names from the top model down to the layer that produces output `output`'s values (before any
     trailing cast, Identity or Dropout, which would hide a softmax from the score rule)."""
     if isinstance(model, keras.Sequential):
         layers = children(model)
@@ -68,7 +60,7 @@ def _output_path(model):
             layers = layers[:-1]
         last = layers[-1]
     else:
-        history = model.outputs[0]._keras_history
+        history = model.outputs[output]._keras_history
         while _keeps_values(history.operation):
             inputs = history.operation._inbound_nodes[history.node_index].arguments.keras_tensors
             before = inputs[0]._keras_history
@@ -179,41 +171,68 @@ def _rerun_nested(model, x, wanted, found):
     return results[0]
 
 
-def explainable(model, layers=(), perturb=False):
-    """A keras.Model: images -> [activation of each layer (LayerRefs)..., scores (N, C), probabilities (N, C)],
-    scores and probabilities float32. perturb=True adds a second input per layer, added to its
-    activation (feed zeros): the gradient with respect to it is the gradient at the activation.
-    """
-    _check_classifier(model)
-    spec = model.inputs[0]
-    images = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name="score_cam_images")
-    found, deltas = {}, []
-    for i, ref in enumerate(layers):
-        if perturb:
-            deltas.append(keras.Input(batch_shape=(None,) + _layer_shape(model, ref)[1:],
-                                      name=f"score_cam_delta_input{i}"))
-            found[("delta", i)] = deltas[-1]
+def _inputs(model):
+    """Fresh symbolic inputs like the model's, and what to call its graph with (one tensor, or the list)."""
+    fresh = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=f"score_cam_input{i}")
+             for i, t in enumerate(model.inputs)]
+    return fresh, fresh[0] if len(fresh) == 1 else fresh
+
+
+def _tap(model, layers, view, found):
+    """Re-run the model with the layers and the chosen head's scores tapped into `found`; returns the
+    fresh inputs and the chosen output (what model.predict returns for it)."""
+    fresh, given = _inputs(model)
     wanted = {tuple(ref.path): i for i, ref in enumerate(layers)}
-    out_path = _output_path(model)
+    out_path = _output_path(model, view.output)
     if out_path in wanted:
         raise ValueError(f"layer {'/'.join(out_path)!r} is the model's output, not a feature map")
     wanted[out_path] = "scores"
-    rerun(model, images, wanted, found)
+    outputs = rerun(model, given, wanted, found)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     for i, ref in enumerate(layers):
         if found.get(("calls", i), 1) > 1:
             raise ValueError(f"layer {path_name(ref)!r} is called {found['calls', i]} times in the model (a shared "
                              "layer), so it has no one feature map to explain; pass a layer that is called once")
-    acts = [found[i] for i in range(len(layers))]
-    for ref, act in zip(layers, acts):
-        if len(act.shape) != 4:
-            raise ValueError(f"layer {path_name(ref)!r} outputs {tuple(act.shape)}; explaining a layer needs a "
-                             "4-D (N, h, w, K) output (a conv, activation, add, batch-norm or pooling layer)")
-    scores, probs = _ScoreHead(found["scores"][1])(found["scores"][0])
-    return keras.Model([images] + deltas if perturb else images, acts + [scores, probs])
+    return fresh, outputs[view.output]
+
+
+def explainable(model, layers=(), perturb=False, view=views.DEFAULT):
+    """A keras.Model: the model's inputs -> [activation of each layer (LayerRefs) on the image input's grid...,
+    the chosen output (float32, as model.predict gives it), scores (N, C), probabilities (N, C)], scores and
+    probabilities float32 by the score rule (a head that is no (N, classes) classifier: its output for both).
+    perturb=True adds an input per layer, added to its raw output (feed zeros): the gradient with respect to
+    it is the gradient there; the model's attribute `grids` then lays such a gradient on the grid too.
+    """
+    check_model(model)
+    found, deltas = {}, []
+    if perturb:
+        _, raw_shapes = _raw_layer_shapes(model, layers, view)
+        for i, shape in enumerate(raw_shapes):
+            deltas.append(keras.Input(batch_shape=(None,) + shape[1:], name=f"score_cam_delta_input{i}"))
+            found[("delta", i)] = deltas[-1]
+    fresh, output = _tap(model, layers, view, found)
+    image_spec = tuple(model.inputs[view.input].shape)
+    grids = [views.grid_for(found[i], image_spec, view, path_name(ref), i) for i, ref in enumerate(layers)]
+    acts = [grid(found[i]) if grid is not None else found[i] for i, grid in enumerate(grids)]
+    for grid, ref, act in zip(grids, layers, acts):
+        if grid is not None and len(act.shape) != len(image_spec):
+            raise ValueError(f"reshape= gave layer {path_name(ref)!r} the shape {tuple(act.shape)}; it must return "
+                             f"{len(image_spec)}-D (N, *spatial, K) on the input's grid")
+    outputs = acts + list(_ScoreHead(found["scores"][1])(found["scores"][0], output))
+    net = keras.Model(fresh + deltas if perturb else (fresh[0] if len(fresh) == 1 else fresh), outputs)
+    net.grids = grids
+    return net
+
+
+def _raw_layer_shapes(model, layers, view):
+    """(fresh inputs, each layer's raw output shape), None for a batch or a size the model leaves open."""
+    found = {}
+    fresh, _ = _tap(model, layers, view, found)
+    return fresh, [tuple(found[i].shape) for i in range(len(layers))]
 
 
 class _ScoreHead(keras.layers.Layer):
-    """(scores, probabilities), float32, from the output layer's pre-activation scores. One layer, not
+    """(output, scores, probabilities), float32, from the output layer's pre-activation scores. One layer, not
     loose keras.ops calls: an op's automatic name ("cast", "softmax") can equal one of the model's
     layer names once Keras's name counter has been reset, and a graph's names must be unique."""
 
@@ -221,36 +240,40 @@ class _ScoreHead(keras.layers.Layer):
         super().__init__(name="score_cam_head", dtype="float32")
         self.link = link
 
-    def call(self, scores):
+    def call(self, scores, output):
+        output = keras.ops.cast(output, "float32")
+        if len(output.shape) != 2:  # no (N, classes) classifier: a target= decides the score
+            return output, output, output
         scores = keras.ops.cast(scores, "float32")
         one_unit = scores.shape[-1] == 1
         if one_unit:  # one unit: class 1 has p = sigmoid(z), class 0 has 1 - p (the softmax of the two)
             scores = keras.ops.concatenate([-scores / 2, scores / 2], axis=-1)
         sigmoid = self.link == "sigmoid" and not one_unit  # each unit of a sigmoid head its own probability
-        return scores, keras.ops.sigmoid(scores) if sigmoid else keras.ops.softmax(scores)
+        return output, scores, keras.ops.sigmoid(scores) if sigmoid else keras.ops.softmax(scores)
 
 
-def _layer_shape(model, ref):
-    """The explained layer's output shape (None for a batch or a spatial size the model leaves open)."""
-    return tuple(explainable(model, [ref]).outputs[0].shape)
-
-
-def num_classes(model):
+def num_classes(model, output=0):
     """Classes the explainers see: the output's units, 2 for a one-unit output."""
-    _check_classifier(model)
-    return max(2, int(model.outputs[0].shape[-1]))
+    check_model(model)
+    return max(2, int(model.outputs[output].shape[-1]))
 
 
-def input_spec(model):
-    """(height, width, channels) the model takes; height and width None where any size goes."""
-    _check_classifier(model)
-    return tuple(model.inputs[0].shape[1:4])
+def is_classifier(model, output=0):
+    """Whether the output is (N, classes), which the score rule and class_index apply to."""
+    return len(model.outputs[output].shape) == 2
 
 
-def explainable_cached(model, refs=(), perturb=False):
+def input_spec(model, input=0):
+    """(*spatial, channels) the model's input takes: (height, width, channels) for pictures, None where any
+    size goes."""
+    check_model(model)
+    return tuple(model.inputs[input].shape[1:])
+
+
+def explainable_cached(model, refs=(), perturb=False, view=views.DEFAULT):
     refs = tuple(refs)
-    return derived(model, ("explainable", tuple(r.path for r in refs), perturb),
-                   lambda: explainable(model, refs, perturb))
+    return derived(model, ("explainable", tuple(r.path for r in refs), perturb, view),
+                   lambda: explainable(model, refs, perturb, view))
 
 
 def predict_probabilities(model, images, batch_size=256):

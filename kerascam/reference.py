@@ -15,7 +15,7 @@ def naive_score_cam(model, image, layer=None, class_index=None, max_n=None):
     probabilities (C,)."""
     ref = find_layer(model, layer)
     sub = explainable(model, [ref])
-    acts, _, probs = sub.predict(np.asarray(image, np.float32)[None], verbose=0)
+    acts, *_, probs = sub.predict(np.asarray(image, np.float32)[None], verbose=0)
     acts, probs = acts[0], probs[0]
     target = int(np.argmax(probs)) if class_index is None else int(class_index)
     height, width = image.shape[:2]

@@ -14,15 +14,14 @@ kind, never by a method's name.
 import collections
 import inspect
 
-import numpy as np
-
-from .graph import predict_probabilities
+from .pipelines import predict_scores
 from .layers import find_layer, path_name
 from .scoring import score_cam_layers
 
 MASKED, GRADIENT, ACTIVATION, BLIND = "masked", "gradient", "activation", "blind"
 KINDS = (MASKED, GRADIENT, ACTIVATION, BLIND)
 _POSITIONAL = ("model", "images", "layer", "class_index")
+VIEW_OPTIONS = ("input", "output", "reshape", "target")  # views.py and targets.py: every built-in method takes them
 
 Method = collections.namedtuple("Method", "name function label kind options floor")
 METHODS = {}  # name -> Method, in registration order
@@ -39,7 +38,9 @@ def register(name, label, kind, floor=False):
         if tuple(p.name for p in params[:4]) != _POSITIONAL:
             raise ValueError(f"a method takes ({', '.join(_POSITIONAL)}, **options) first; {function.__name__} "
                              f"takes ({', '.join(p.name for p in params)})")
-        options = {p.name: p.default for p in params[4:]}
+        options = {p.name: p.default for p in params[4:] if p.kind is not p.VAR_KEYWORD}
+        if any(p.kind is p.VAR_KEYWORD for p in params):  # it passes the view options on to the core
+            options.update(dict.fromkeys(VIEW_OPTIONS))
         METHODS[name] = Method(name, function, label, kind, options, floor)
         return function
     return add
@@ -91,4 +92,5 @@ def explain_layers(method, model, images, layers=None, class_index=None, **optio
         return score_cam_layers(model, images, layers, class_index, **options)
     maps = {path_name(find_layer(model, layer)): method.function(model, images, layer, class_index, **options)
             for layer in layers}
-    return maps, predict_probabilities(model, np.asarray(images, np.float32))
+    view = {k: options[k] for k in VIEW_OPTIONS if k in options}
+    return maps, predict_scores(model, images, class_index, **view)

@@ -6,8 +6,10 @@ from .devices import resolve_devices
 from .engine import Explainer
 from .graph import explainable_cached
 from .layers import find_layer
-from .maps import check_images
+from .maps import check_inputs
 from .precision import measure_precision, resolve_precision
+from .targets import check_target
+from .views import resolve
 
 
 def check_max_n(max_n):
@@ -17,25 +19,30 @@ def check_max_n(max_n):
     return int(max_n) if max_n else None
 
 
-def _runner(model, layers, batch_size, max_n):
-    """(run(precision, images) -> score_cam_layers' result, the measurement's cache key) for these options."""
+def _runner(model, layers, batch_size, max_n, inputs=None, **view):
+    """(run(precision, images) -> score_cam_layers' result, the measurement's cache key) for these options;
+    `inputs`: all the inputs of a model of several, of which run takes as many rows as `images` has."""
     def run(choice, sample):
-        return score_cam_layers(model, sample, layers, batch_size=batch_size, max_n=max_n, precision=choice)
+        part = sample if inputs is None or len(inputs) == 1 else [a[:len(sample)] for a in inputs]
+        return score_cam_layers(model, part, layers, batch_size=batch_size, max_n=max_n, precision=choice, **view)
 
-    return run, (tuple(find_layer(model, layer).path for layer in layers), max_n)
+    return run, (tuple(find_layer(model, layer).path for layer in layers), max_n) + tuple(view.items())
 
 
-def _measured(model, layers, images, batch_size, max_n, passes=None):
+def _measured(model, layers, inputs, images, batch_size, max_n, passes=None, **view):
     """resolve_precision("auto") for a Score-CAM call on these layers and options."""
-    run, key = _runner(model, layers, batch_size, max_n)
+    run, key = _runner(model, layers, batch_size, max_n, inputs, **view)
     return resolve_precision("auto", model, run, images, passes, key)
 
 
-def auto_precision(model, layers, images, batch_size=256, max_n=None):
+def auto_precision(model, layers, images, batch_size=256, max_n=None, **view):
     """What precision="auto" chooses for Score-CAM of these layers on this model here, measured on the
-    first images (see precision.measure_precision): {"choice", "images_per_s", "min_pearson_r", ...}."""
-    run, key = _runner(model, layers, batch_size, check_max_n(max_n))
-    return measure_precision(model, run, check_images(model, images), key)
+    first images (see precision.measure_precision): {"choice", "images_per_s", "min_pearson_r", ...}.
+    view: input=, output=, reshape=, target= as score_cam takes them."""
+    index = resolve(model, view.get("input"), view.get("output"), view.get("reshape")).input
+    inputs = check_inputs(model, images, index)
+    run, key = _runner(model, layers, batch_size, check_max_n(max_n), inputs, **view)
+    return measure_precision(model, run, inputs[index], key)
 
 
 def label_classes(labels):
@@ -54,19 +61,22 @@ def label_classes(labels):
     return labels
 
 
-def _split(item):
-    """(images, labels or None) of one item of a stream."""
-    if isinstance(item, (tuple, list)) and len(item) == 2 and np.ndim(item[0]) == 4:
+def _split(item, count=1):
+    """(images, labels or None) of one item of a stream: (images, labels) a pair, for a model of `count`
+    inputs a pair whose images are the list (or dict) of its inputs; a list or dict alone is the inputs."""
+    if count == 1 and isinstance(item, (tuple, list)) and len(item) == 2 and np.ndim(item[0]) >= 3:
+        return item[0], item[1]
+    if count > 1 and isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (list, tuple, dict)):
         return item[0], item[1]
     return item, None
 
 
-def _parts(batches, class_index):
+def _parts(batches, class_index, count=1):
     """(images, class_index) for each item of `batches`: an array of images, or a tuple (images,
     labels) such as a labelled tf.data dataset yields, whose labels (label_classes) are the classes when
     class_index == "labels" (and are otherwise ignored)."""
     for item in batches:
-        images, labels = _split(item)
+        images, labels = _split(item, count)
         if isinstance(class_index, str) and class_index == "labels":
             if labels is None:
                 raise ValueError('class_index="labels" needs (images, labels) batches')
@@ -75,7 +85,7 @@ def _parts(batches, class_index):
             yield images, class_index
 
 
-def _first_batch(batches):
+def _first_batch(batches, count=1):
     """(the first batch's images, an iterator giving every batch again)."""
     iterator = iter(batches)
     try:
@@ -86,11 +96,11 @@ def _first_batch(batches):
     def again():
         yield first
         yield from iterator
-    return _split(first)[0], again()
+    return _split(first, count)[0], again()
 
 
 def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=256, max_n=None,
-                     precision="auto", layers=None, devices=None):
+                     precision="auto", layers=None, devices=None, input=None, output=None, reshape=None, target=None):
     """Score-CAM over any iterable of image batches (a generator, a list, a tf.data dataset's
     .as_numpy_iterator()): an iterator giving, for each batch in order, its maps (n, H, W) float32
     in [0, 1] - or, when `layers` is given, (maps {layer: (n, H, W)}, probabilities (n, C)).
@@ -100,38 +110,49 @@ def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=25
     batch comes out once its last masked images have been through the network, i.e. up to about
     batch_size / K pictures after it. Memory holds the batches in flight and a few chunks, however
     long the stream. class_index: None (each image's predicted class), an int, or "labels" for
-    (images, labels) batches. precision: "auto", "float32" or "bfloat16". devices: as score_cam.
+    (images, labels) batches. precision: "auto", "float32" or "bfloat16". devices, input, output, reshape,
+    target: as score_cam (with a target, a batch's scores are its pictures' target scores (n,); per-picture
+    data of a target is indexed by the picture's row in its batch).
     Arguments are checked here, before the first batch is read, except that "auto" looks at the first batch.
     """
     wanted = layers if layers is not None else [layer]
     if isinstance(class_index, str) and class_index != "labels":
         raise ValueError(f'class_index must be None, an int or "labels", got {class_index!r}')
     max_n = check_max_n(max_n)
+    view = resolve(model, input, output, reshape)
+    target = check_target(target, None if class_index == "labels" else class_index)
     if len(resolve_devices(devices)) > 1:
         precision = "float32" if precision == "auto" else precision
     if precision == "auto":
-        first, batches = _first_batch(batches)
-        precision = _measured(model, wanted, None if first is None else check_images(model, first), batch_size,
-                              max_n)
-    explainer = Explainer(model, wanted, batch_size, max_n, resolve_precision(precision), devices=devices)
-    results = explainer.explain(_parts(batches, class_index))
+        first, batches = _first_batch(batches, len(model.inputs))
+        inputs = None if first is None else check_inputs(model, first, view.input)
+        precision = _measured(model, wanted, inputs, None if first is None else inputs[view.input], batch_size,
+                              max_n, input=input, output=output, reshape=reshape, target=target)
+    explainer = Explainer(model, wanted, batch_size, max_n, resolve_precision(precision), devices=devices,
+                          view=view, target=target)
+    results = explainer.explain(_parts(batches, class_index, len(model.inputs)))
     return results if layers is not None else (maps[explainer.names[0]] for maps, _ in results)
 
 
 def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None,
-                     precision="auto", devices=None):
-    """Score-CAM maps of several layers from one activation pass: (maps {layer path: (N, H, W)
-    float32 in [0, 1]}, the probabilities (N, C) that were explained). layers: names, paths or
-    Layers (None: the last conv layer). Images go in chunks so memory stays bounded whatever N is."""
+                     precision="auto", devices=None, input=None, output=None, reshape=None, target=None):
+    """Score-CAM maps of several layers from one activation pass: (maps {layer path: (N, *spatial) float32
+    in [0, 1]}, the probabilities (N, C) that were explained, or with a target its scores (N,)). layers:
+    names, paths or Layers (None: the default layer). Images go in chunks so memory stays bounded whatever
+    N is. input, output, reshape (views.py) and target (targets.py): as score_cam."""
     layers = [None] if layers is None else list(layers)
-    images = check_images(model, images)
+    view = resolve(model, input, output, reshape)
+    target = check_target(target, class_index)
+    inputs = check_inputs(model, images, view.input)
     max_n = check_max_n(max_n)
     if len(resolve_devices(devices)) > 1:
         precision = "float32" if precision == "auto" else precision
     if precision == "auto":
-        channels = sum(explainable_cached(model, [find_layer(model, layer)]).outputs[0].shape[-1]
+        channels = sum(explainable_cached(model, [find_layer(model, layer)], view=view).outputs[0].shape[-1]
                        for layer in layers)
-        passes = len(images) * min(channels, max_n * len(layers) if max_n else channels)
-        precision = _measured(model, layers, images, batch_size, max_n, passes)
-    explainer = Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices)
-    return next(iter(explainer.explain([(images, class_index)])))
+        passes = len(inputs[view.input]) * min(channels, max_n * len(layers) if max_n else channels)
+        precision = _measured(model, layers, inputs, inputs[view.input], batch_size, max_n, passes, input=input,
+                              output=output, reshape=reshape, target=target)
+    explainer = Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices, view,
+                          target)
+    return next(iter(explainer.explain([(inputs if len(inputs) > 1 else inputs[0], class_index)])))

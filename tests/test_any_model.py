@@ -381,7 +381,7 @@ def test_layers_named_alike_at_three_depths_are_each_explained_at_their_own_plac
     np.testing.assert_array_equal(maps["conv"], score_cam(model, images, layer="/conv", precision="float32"))
 
 
-def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():
+def test_multi_input_multi_output_without_a_choice_and_subclassed_models_get_one_clear_error():
     a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
     conv = layers.Conv2D(2, 3, name="conv")
     two_in = keras.Model([a, b], layers.Dense(2)(layers.Flatten()(layers.Add()([conv(a), conv(b)]))))
@@ -389,7 +389,7 @@ def test_multi_input_multi_output_and_subclassed_models_get_one_clear_error():
     y = layers.Flatten()(layers.Conv2D(2, 3)(x))
     two_out = keras.Model(x, [layers.Dense(2)(y), layers.Dense(3)(y)])
     images = images_for((8, 8, 3), n=1)
-    for model, message in ((two_in, "2 inputs"), (two_out, "2 outputs")):
+    for model, message in ((two_in, "several inputs .*pass input="), (two_out, "several outputs .*pass output=")):
         for method in (score_cam, grad_cam):
             with pytest.raises(ValueError, match=message):
                 method(model, images)

@@ -152,9 +152,9 @@ def test_gradient_batches_are_capped_at_the_pixel_budget_with_the_same_maps(monk
     batches = []
     original = kerascam.gradients.layer_gradients
 
-    def recording(model, ref, x, targets):
-        batches.append(len(x))
-        return original(model, ref, x, targets)
+    def recording(model, ref, x, targets, *rest):
+        batches.append(len(x[0]))
+        return original(model, ref, x, targets, *rest)
 
     monkeypatch.setattr(kerascam.pipelines, "layer_gradients", recording)
     monkeypatch.setattr(kerascam.pipelines, "PIXEL_BUDGET", 2 * SIZE * SIZE + SIZE)

@@ -35,11 +35,17 @@ def images_for(n=3, size=12, seed=0):
 def test_pip_install_gives_an_importable_package_outside_the_repository(tmp_path):
     """`pip install --no-deps --target` (no build isolation: offline) and `import kerascam` from a folder with
     no model.py, data/ or scorecam.py of ours on the path; Score-CAM runs on a tiny model there."""
-    target, elsewhere = tmp_path / "site", tmp_path / "user_project"
+    import shutil
+
+    target, elsewhere, source = tmp_path / "site", tmp_path / "user_project", tmp_path / "clone"
     elsewhere.mkdir()
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # built from a copy: the build leaves nothing in the checkout
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "kerascam", source / "kerascam", ignore=shutil.ignore_patterns("__pycache__"))
     (elsewhere / "model.py").write_text("raise ImportError('the user project own model.py, not ours')\n")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "--target", str(target), str(source)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (target / "kerascam" / "__init__.py").is_file() and not (target / "scorecam.py").exists()
     code = textwrap.dedent("""
