@@ -10,16 +10,8 @@ model (seeded smooth noise, a centred Gaussian) included. The target class is th
 probabilities follow the kerascam score rule (softmax applied once). Score-CAM
 runs in float32, so the results do not depend on the machine's choice of precision.
 
-  Average Drop %      mean over images of max(0, Y - O) / Y x 100, where Y is the target's softmax
-                      probability on the image and O on the explanation image (image x map, the
-                      map broadcast over RGB). Lower is better (Chattopadhay et al. 2018).
-  Increase in Conf. % share of images with O > Y, x 100. Higher is better.
-  Deletion AUC        pixels ranked by the map (highest first, ties in a seeded random order) are
-                      set to 0 in `steps` equal steps; the target probability after each step
-                      (0 % and 100 % changed included) is integrated by the trapezoid rule over the
-                      fraction of pixels changed, x in [0, 1]. Lower is better (Petsiuk et al. 2018).
-  Insertion AUC       the same, restoring the ranked pixels onto a blurred copy of the image
-                      (Gaussian, sigma --blur-sigma pixels). Higher is better.
+  Average Drop %, Increase in Confidence %, Deletion and Insertion AUC (insertion's blur: --blur-sigma
+                      pixels): defined in kerascam/metrics.py, whose maths this runs.
   ms / image          wall time of the method, images in chunks of TIME_CHUNK after one warm-up call
                       (each image gets its chunk's time per image; its interval resamples the chunks,
                       the unit that was measured, not the images).

@@ -14,6 +14,7 @@ import collections
 import keras
 
 from .cache import derived
+from .views import token_grid
 
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 # the default rule's block outputs: nonlinear layers, merges of branches; normalisations follow linear branches
@@ -165,24 +166,50 @@ def is_block_output(layer, node, feeds):
     return not any(isinstance(f, NORMALIZATIONS) for f in feeds)
 
 
+def _image_rank(model):
+    """The rank of the model's first image-like input: 4 for pictures (N, H, W, C), 3 signals, 5 volumes."""
+    ranks = [len(t.shape) for t in model.inputs if 3 <= len(t.shape) <= 5]
+    return ranks[0] if ranks else 4
+
+
+def _is_token_grid(shape, model):
+    """(N, T, D) tokens of a picture model that form a grid of its aspect (views.token_grid)."""
+    try:
+        token_grid(int(shape[1]), tuple(model.inputs[0].shape[1:3]))
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
 def default_layer(model):
-    """The layer None picks: the last block output (is_block_output) on the output's path whose grid is
-    larger than 1 x 1; failing that the last 4-D layer with such a grid, then the last 4-D layer."""
+    """The layer None picks, on the input's grid ((N, h, w, K) for pictures, (N, l, K) signals, (N, d, h, w, K)
+    volumes), never the model's output layer: the last block output (is_block_output) whose grid is larger than
+    1 x 1; failing that the last layer with such a grid, then the last on the grid. In a picture model whose
+    last such layer is followed by token layers (a vision transformer: no conv after its patch embedding), the
+    last token block's output, its residual add, instead (failing that the last token layer)."""
     def find():
-        tiers = ([], [], [])
-        for ref, node, feeds in _walk(model):
+        rank, tiers, tokens, last_grid = _image_rank(model), ([], [], []), ([], []), -1
+        outputs = {id(t._keras_history.operation) for t in model.outputs}
+        for i, (ref, node, feeds) in enumerate(_walk(model)):
             shape = _output_shape(node)
-            if is_container(ref.layer) or shape is None or len(shape) != 4:
+            if is_container(ref.layer) or shape is None or id(ref.layer) in outputs:
                 continue
-            wide = shape[1:3] != (1, 1)
+            if rank == 4 and len(shape) == 3 and _is_token_grid(shape, model):
+                tokens[0 if _merge(ref.layer, node) else 1].append((i, ref))  # a block ends in its residual add
+                continue
+            if len(shape) != rank:
+                continue
+            last_grid, wide = i, any(s != 1 for s in shape[1:-1])
             if wide and is_block_output(ref.layer, node, feeds):
                 tiers[0].append(ref)
             if wide:
                 tiers[1].append(ref)
             tiers[2].append(ref)
-        found = next((tier[-1] for tier in tiers if tier), None)
+        late = [[ref for i, ref in tier if i > last_grid] for tier in tokens]
+        found = next((tier[-1] for tier in late + list(tiers) if tier), None)
         if found is None:
-            raise ValueError("the model has no layer with a 4-D (N, h, w, K) output to explain")
+            raise ValueError(f"the model has no layer with a {rank}-D output on the input's grid to explain; "
+                             "pass layer= (and reshape= for a layout of your own)")
         return found
 
     return derived(model, ("default_layer",), find)
@@ -191,9 +218,11 @@ def default_layer(model):
 # ---------------------------------------------------------------- lookup
 
 def candidates(model):
-    """The LayerRefs that can be explained: every layer and operation with a 4-D output (nested models
-    themselves left out: name their layers)."""
-    return [ref for ref, node, _ in _walk(model) if _is_4d(node) and not is_container(ref.layer)]
+    """The LayerRefs that can be explained: every layer and operation with an output on the input's grid
+    (4-D for pictures, and token layers (N, T, D) too; nested models themselves left out: name their layers)."""
+    rank = _image_rank(model)
+    return [ref for ref, node, _ in _walk(model) if not is_container(ref.layer) and _output_shape(node) is not None
+            and (len(_output_shape(node)) == rank or rank == 4 and len(_output_shape(node)) == 3)]
 
 
 def _listing(refs, limit=12):
@@ -224,7 +253,7 @@ def find_layer(model, layer=None):
     if not found:
         named = "no layer named" if isinstance(layer, str) and "/" not in layer else "no"
         subject = repr(layer) if named == "no layer named" else what
-        raise ValueError(f"{named} {subject} in the model; layers with a 4-D output: "
+        raise ValueError(f"{named} {subject} in the model; layers with a {_image_rank(model)}-D output: "
                          f"{_listing(candidates(model)) or 'none'}")
     if len(found) > 1:
         paths = ", ".join(passable_path(model, r) for r in found)

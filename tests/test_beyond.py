@@ -135,6 +135,8 @@ def test_a_vision_transformers_token_layer_is_laid_on_its_grid_for_every_method(
         close(getattr(kerascam, name)(model, x, "block2"), plain_gradient(grid.astype(np.float64), grads, weigh,
                                                                           (16, 16)))
     assert kerascam.grad_cam_pp(model, x, "block2").shape == (2, 16, 16)
+    assert kerascam.find_layer(model).path == ("block2",)  # the default: the last block's output, not the patches
+    np.testing.assert_array_equal(kerascam.grad_cam(model, x), kerascam.grad_cam(model, x, "block2"))
     assert kerascam.eigen_cam(model, x, "block2").shape == (2, 16, 16)
     # reshape= lays any layout out: here the same grid written by hand
     by_hand = lambda t: keras.ops.reshape(t[:, 1:], (-1, 4, 4, 16))  # noqa: E731
@@ -174,6 +176,7 @@ def test_a_keras_hub_vit_backbone_from_a_small_config():
     predict = lambda given, i: model.predict(given[0], verbose=0)[0, model.predict(x[i:i + 1], verbose=0)[0].argmax()]  # noqa
     close(kerascam.score_cam(model, x, "vit_encoder", precision="float32"), plain_score_cam(grid, predict, [x]))
     assert np.isfinite(kerascam.grad_cam(model, x, "vit_encoder")).all()
+    assert kerascam.find_layer(model).path[-1] == "vit_encoder"
 
 
 # ---------------------------------------------------------------- several outputs and inputs
@@ -287,6 +290,7 @@ def test_a_segmentation_target_against_the_plain_computation_and_autodiff():
     grads = backend_gradient(lambda a: keras.ops.sum(head(a)[..., 1] * weight), acts)
     close(kerascam.layer_cam(model, x, "conv", target=target),
           plain_gradient(acts.astype(np.float64), grads, GRADIENT["layer_cam"], (12, 12)))
+    assert kerascam.find_layer(model).path == ("conv",)  # the default is never the model's output layer
     for method in (kerascam.score_cam, kerascam.grad_cam):  # a mask is no (N, classes) output: a target is needed
         with pytest.raises(ValueError, match=r"not \(N, classes\): pass target="):
             method(model, x, "conv")
@@ -339,7 +343,8 @@ def test_a_1d_signal_model_gives_maps_of_the_signals_length():
     grads = backend_gradient(lambda a: keras.ops.sum((keras.ops.reshape(a, (2, -1)) @ kernel + bias) * onehot), acts)
     close(kerascam.hires_cam(model, x, "conv"), plain_gradient(acts.astype(np.float64), grads, GRADIENT["hires_cam"],
                                                               (40,)))
-    assert kerascam.eigen_cam(model, x, "conv").shape == kerascam.center_map(model, x).shape == (2, 40)
+    assert kerascam.eigen_cam(model, x).shape == kerascam.center_map(model, x).shape == (2, 40)
+    assert kerascam.find_layer(model).path == ("conv",)  # the default: the last layer on the signal's grid
 
 
 def test_a_3d_volume_model_gives_maps_of_the_volumes_shape():
