@@ -1,7 +1,9 @@
 """Score-CAM at the speed limit of the hardware: measures it against the bound, side by side.
 
     python bench.py [--n 300] [--json bench.json] [--memory-n 2000] [--naive-n 6] [--bf16-n 100]
-                    [--sizes 32,64,mobilenet] [--mobilenet-n 6]      (KERAS_BACKEND=jax for JAX)
+                    [--sizes 32,64,mobilenet,vit] [--mobilenet-n 6] [--vit-n 64]      (KERAS_BACKEND=jax for JAX)
+    python bench.py --backbones     # keras.applications backbones at batch 32-256, TensorFlow and JAX
+                                    # (bench_backbones.py; md_image/bench_backbones.json)
 
 Score-CAM costs one forward pass per image for the activations plus one per channel of the
 explained layer, so with T the model's own batched throughput (images/s: the faster of
@@ -24,6 +26,9 @@ and records:
   a transfer-learning model, MobileNetV2 (alpha 0.35, 96x96, random weights) nested in a Sequential
   with a 5-class head, at its last conv layer (K = 1280): Score-CAM and max_n 64, each against its
   bound, on --mobilenet-n images;
+  a small vision transformer (vit_model: 32x32, patch 4, 64 + 1 tokens of width 32) at its default
+  layer, the last block's token output laid on its 8x8 grid (K = 32): Score-CAM and max_n 8 against
+  their bounds, on --vit-n images;
   peak memory of score_cam on --memory-n images at 64x64 with default settings, in a subprocess
   (VmHWM), and the machine (CPU, cores, devices, backend, library versions).
 
@@ -47,6 +52,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
+import bench_backbones
 import kerascam
 from kerascam.copies import bfloat16_copy
 from kerascam.layers import path_name
@@ -55,6 +61,7 @@ from model import build_model
 from kerascam import naive_score_cam
 
 SIZES = ((32, 10), (64, 20))  # (input side, classes)
+VIT = {"side": 32, "patch": 4, "dim": 32, "heads": 4, "blocks": 2, "classes": 10, "max_n": 8}  # 64 + 1 tokens
 T_BATCH = 256
 MAX_NS = (8, 16, 32)
 MOBILENET = dict(side=96, alpha=0.35, classes=5, max_n=64)
@@ -133,11 +140,10 @@ def measure_t(model, args, log):
 
 
 def time_score_cam(model, images, layer, throughput, k, max_n=None):
-    """Score-CAM (float32) after warm-up calls that trace and compile every graph and shape:
+    """Score-CAM (float32) after a warm-up call on the same images that traces and compiles every graph and shape:
     (maps, probabilities, {images_per_s, T_around, bound, ratio_to_bound})."""
     run = lambda x: kerascam.score_cam_layers(model, x, [layer], max_n=max_n, precision="float32")  # noqa: E731
-    run(images[:3])
-    run(images[:5])
+    run(images)  # the same call once: every shape it uses compiled (JAX compiles each new shape)
     (maps, probs), seconds, t_around = beside_t(throughput, lambda: run(images))
     ips = len(images) / seconds
     used = min(k, max_n) if max_n else k
@@ -239,28 +245,59 @@ def mobilenet_model(seed=0):
                              keras.layers.Dense(MOBILENET["classes"], activation="softmax")], name="mobilenet_head")
 
 
-def bench_mobilenet(args, log):
-    model = mobilenet_model(args.seed)
+def vit_model(seed=0):
+    """A small vision transformer of Keras layers (VIT: patch-embedding conv, a class token, MultiHeadAttention
+    blocks, a softmax head on the class token), random weights: the speed of its token layers is what is
+    measured, so the class token is zeros and there is no position embedding."""
+    keras.utils.set_random_seed(seed)
+    side, patch, dim = VIT["side"], VIT["patch"], VIT["dim"]
+    inp = keras.Input((side, side, 3))
+    x = keras.layers.Conv2D(dim, patch, strides=patch, name="patches")(keras.layers.Rescaling(1 / 255)(inp))
+    x = keras.layers.Reshape((-1, dim))(x)
+    cls = keras.layers.Lambda(lambda t: keras.ops.zeros_like(t[:, :1]), name="class_token")(x)
+    x = keras.layers.Concatenate(axis=1)([cls, x])
+    for b in range(1, VIT["blocks"] + 1):
+        y = keras.layers.LayerNormalization()(x)
+        x = keras.layers.Add()([x, keras.layers.MultiHeadAttention(VIT["heads"], dim // VIT["heads"])(y, y)])
+        y = keras.layers.Dense(2 * dim, activation="gelu")(keras.layers.LayerNormalization()(x))
+        x = keras.layers.Add(name=f"block{b}")([x, keras.layers.Dense(dim)(y)])
+    head = keras.layers.Lambda(lambda t: t[:, 0], name="take_class")(keras.layers.LayerNormalization()(x))
+    return keras.Model(inp, keras.layers.Dense(VIT["classes"], activation="softmax")(head), name="vit")
+
+
+def bench_nested(name, model, description, n, max_n, args, log):
+    """Score-CAM and Faster-Score-CAM (max_n) of a model's default layer, each against its bound."""
     ref = kerascam.find_layer(model)
     layer = path_name(ref)
     k = int(kerascam.explainable(model, [ref]).outputs[0].shape[-1])
-    side, n = MOBILENET["side"], args.mobilenet_n
+    side = int(model.inputs[0].shape[1])
     images = np.random.default_rng(args.seed + 1).uniform(0, 255, (n, side, side, 3)).astype(np.float32)
-    result = {"model": "mobilenetv2_nested", "layer": layer, "channels": k, "images": n}
-    log(f"\n== nested MobileNetV2 (alpha {MOBILENET['alpha']}, {side}x{side}, random weights), layer {layer} "
-        f"(K = {k}), {n} images")
+    result = {"model": name, "layer": layer, "channels": k, "images": n}
+    log(f"\n== {description}, layer {layer} (K = {k}), {n} images")
     throughput, t = measure_t(model, args, log)
     result["T"] = t
     _, _, result["score_cam"] = time_score_cam(model, images, layer, throughput, k)
     sc = result["score_cam"]
     log(f"Score-CAM: {sc['images_per_s']:.3f} images/s = {sc['ratio_to_bound']:.3f} x bound T/(K+1) = "
         f"{sc['bound']:.3f}")
-    max_n = MOBILENET["max_n"]
     _, _, fast = time_score_cam(model, images, layer, throughput, k, max_n)
     result["faster_score_cam"] = {max_n: fast}
     log(f"Faster-Score-CAM max_n={max_n}: {fast['images_per_s']:.2f} images/s = {fast['ratio_to_bound']:.3f} x its "
         f"bound T/(max_n+1) = {fast['bound']:.2f}")
     return result
+
+
+def bench_mobilenet(args, log):
+    side = MOBILENET["side"]
+    return bench_nested("mobilenetv2_nested", mobilenet_model(args.seed),
+                        f"nested MobileNetV2 (alpha {MOBILENET['alpha']}, {side}x{side}, random weights)",
+                        args.mobilenet_n, MOBILENET["max_n"], args, log)
+
+
+def bench_vit(args, log):
+    return bench_nested("vit", vit_model(args.seed), f"vision transformer ({VIT['side']}x{VIT['side']}, patch "
+                        f"{VIT['patch']}, {VIT['blocks']} blocks of width {VIT['dim']}, random weights; token layer)",
+                        args.vit_n, VIT["max_n"], args, log)
 
 
 def peak_rss_mb():
@@ -326,24 +363,28 @@ def main(argv=None):
     p.add_argument("--bf16-n", type=int, default=100, help="images for the bfloat16 path (default: %(default)s)")
     p.add_argument("--memory-n", type=int, default=2000,
                    help="64x64 images in the peak-memory run; 0 skips it (default: %(default)s)")
-    p.add_argument("--sizes", default="32,64,mobilenet",
-                   help="models to run, of 32, 64 and mobilenet (default: %(default)s)")
+    p.add_argument("--sizes", default="32,64,mobilenet,vit",
+                   help="models to run, of 32, 64, mobilenet and vit (default: %(default)s)")
     p.add_argument("--mobilenet-n", type=int, default=6, help="images for the nested MobileNetV2 (default: %(default)s)")
+    p.add_argument("--vit-n", type=int, default=64, help="images for the vision transformer (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this JSON file (atomically)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    bench_backbones.add_arguments(p)
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child, args.seed)
-    if min(args.n, args.naive_n, args.bf16_n, args.mobilenet_n) < 1:
-        p.error("--n, --naive-n, --bf16-n and --mobilenet-n must be at least 1")
+    if args.backbones:
+        return bench_backbones.main(p, args, machine(), write_text)
+    if min(args.n, args.naive_n, args.bf16_n, args.mobilenet_n, args.vit_n) < 1:
+        p.error("--n, --naive-n, --bf16-n, --mobilenet-n and --vit-n must be at least 1")
     if args.memory_n < 0:
         p.error("--memory-n must be at least 0 (0 skips the memory run)")
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed must be 0 to {2**32 - 1}")
     sides = {s.strip() for s in args.sizes.split(",")}
-    if not sides <= {"32", "64", "mobilenet"}:
-        p.error(f"--sizes takes 32, 64 and mobilenet, got {args.sizes!r}")
+    if not sides <= {"32", "64", "mobilenet", "vit"}:
+        p.error(f"--sizes takes 32, 64, mobilenet and vit, got {args.sizes!r}")
 
     def log(line):
         print(line, flush=True)
@@ -360,6 +401,8 @@ def main(argv=None):
             report["models"][result["model"]] = result
     if "mobilenet" in sides:
         report["models"]["mobilenetv2_nested"] = bench_mobilenet(args, log)
+    if "vit" in sides:
+        report["models"]["vit"] = bench_vit(args, log)
     if args.memory_n:
         t64 = report["models"].get("64x64x20", {}).get("T", {}).get("images_per_s")
         eta = f" (about {args.memory_n * 65 / t64 / 60:.0f} min at T = {t64:.0f})" if t64 else ""

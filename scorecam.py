@@ -24,7 +24,8 @@ import numpy as np
 
 import kerascam
 from kerascam import registry
-from kerascam.devices import check_batch_size
+from kerascam import batching
+from kerascam.devices import check_batch_size, resolve_devices
 from kerascam import precision
 from kerascam.precision import PRECISIONS
 
@@ -139,13 +140,18 @@ def explain_maps(model, x, layers, target, args):
     return registry.explain_layers(args.method, model, x, layers, target, **method_options(args))
 
 
-def warn_blank(model, layer, name, maps):
+def warn_blank(model, layer, name, maps, x=None):
     """A `warning:` on stderr where a layer's maps are all zero for every picture (a 1x1 grid, a constant
-    layer), so a blank figure is not silent; the exit status is unchanged."""
+    layer), so a blank figure is not silent; the exit status is unchanged. x: a model input, for the grid of
+    a model that takes any size."""
     if not len(maps) or np.any(maps):
         return
-    h, w = kerascam.pipelines.layer_size(model, layer, maps.shape[1:3])
-    why = (f"its grid is {h}x{w}, one value per channel, so there is nothing to locate" if h * w == 1 else
+    net = kerascam.graph.explainable_cached(model, [kerascam.find_layer(model, layer)])
+    grid = tuple(net.outputs[0].shape[1:-1])
+    if None in grid and x is not None:
+        grid = net.predict_on_batch(x[:1])[0].shape[1:-1]
+    why = (f"its grid is {'x'.join(map(str, grid))}, one value per channel, so there is nothing to locate"
+           if np.prod([g or 2 for g in grid]) == 1 else
            "its activations are constant over the picture or their weighted sum is nowhere positive")
     print(f"warning: layer {name!r} gives an all-zero map for every picture: {why}; pass --layer with a "
           "4-D layer of a larger grid (see --help)", file=sys.stderr)
@@ -162,7 +168,7 @@ def explain_file(model, names, display, image, source, args, path):
     layers = kerascam.conv_layers(model) if args.all_layers else [args.layer]
     maps, probs = explain_maps(model, preprocess(x, args.preprocess), layers, target, args)
     for layer, (name, heat) in zip(layers, maps.items()):
-        warn_blank(model, layer, name, heat)
+        warn_blank(model, layer, name, heat, x)
     probs = probs[0]
     pred = int(probs.argmax())
     parent = Path(source).parent.name
@@ -222,6 +228,10 @@ def folder_results(model, batches, target, args, count):
         options = method_options(args)
         if options.get("precision") == "auto" and count < precision.AUTO_MIN_IMAGES:
             options["precision"] = "float32"
+        if options.get("batch_size") == "auto":  # a small folder, like a small call, is not measured
+            k = kerascam.graph.explainable_cached(model, [kerascam.find_layer(model, args.layer)]).outputs[0].shape[-1]
+            if count * min(k, options.get("max_n") or k) < batching.AUTO_MIN_PASSES:
+                options["batch_size"] = batching.resolve_batch_size("auto", devices=len(resolve_devices(args.devices)))
         return kerascam.score_cam_stream(model, batches, class_index=target, layers=[args.layer],
                                          devices=args.devices, **options)
     return (explain_maps(model, x, [args.layer], target, args) for x in batches)
@@ -309,8 +319,9 @@ def parser():
     p.add_argument("--method", type=method_name, default="scorecam", help=f"default scorecam; one of {methods}")
     p.add_argument("--class", dest="class_name", metavar="NAME_OR_INDEX", help="class to explain (default: predicted)")
     p.add_argument("--out", default="out", help="output PNG or JPEG (one image) or folder (default: %(default)s/)")
-    p.add_argument("--batch-size", type=int, default=256, help="masked images per forward pass (fewer "
-                   "for pictures over 224 x 224: at most 256 x 224 x 224 pixels a pass)")
+    p.add_argument("--batch-size", type=batch_size_arg, default="auto", help="masked images per forward pass "
+                   "(fewer for pictures over 224 x 224: at most 256 x 224 x 224 pixels a pass); auto (default): "
+                   "32, 64, 128 or 256, the fastest measured here for a large call, else 256")
     p.add_argument("--max-n", type=int, help="Faster-Score-CAM: use only the N most varying channels")
     p.add_argument("--preprocess", choices=PREPROCESSING, default="none",
                    help="how the model takes pixels, where it was trained on preprocessed pictures without that "
@@ -324,11 +335,19 @@ def parser():
     return p
 
 
+def batch_size_arg(value):
+    """--batch-size: "auto" or an int."""
+    try:
+        return value if value == "auto" else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an int, got {value!r}") from None
+
+
 def check_args(p, args):
     """The arguments' own checks (p.error), before the model is loaded."""
     if args.folder and (args.images or args.all_layers):
         p.error("--folder takes no IMAGE arguments and no --all-layers")
-    if args.batch_size < 1 or args.read_batch < 1:
+    if args.batch_size != "auto" and args.batch_size < 1 or args.read_batch < 1:
         p.error("--batch-size and --read-batch must be at least 1")
     if args.max_n is not None and args.max_n < 0:
         p.error("--max-n must be at least 0 (0: every channel)")
@@ -349,7 +368,8 @@ def load_checked(args):
     if args.devices is not None:
         if not args.folder:
             raise ValueError("--devices works with --folder (many pictures); one picture runs on one device")
-        check_batch_size(args.batch_size, args.devices, "--batch-size")
+        if args.batch_size != "auto":
+            check_batch_size(args.batch_size, args.devices, "--batch-size")
     return model, names, display
 
 

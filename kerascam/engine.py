@@ -296,12 +296,34 @@ class Explainer:
             chunk.ends[name] = queue.add(chunk)
         self.in_flight.append(chunk)
 
+    def _scorer(self):
+        return derived(self.net, ("masked_scores", tuple(self.size), self.view, self.target),
+                       lambda: MaskedScores(explainable_cached(self.net, view=self.view), self.size, self.view.input,
+                                            self.target))
+
+    def masked_step(self, images):
+        """A step that scores one full masked batch (batch_size pairs of the first layer) made of these pictures'
+        varying channels, the pictures queued again until they fill it; None where no channel varies. What
+        batch_size="auto" times (batching.py): the same compiled graph as a call's own batches."""
+        inputs, _ = self._check(images, None)
+        n, queue = len(inputs[self.view.input]), self.queues[self.names[0]]
+        out = ({name: np.zeros((n,) + tuple(self.size), np.float32) for name in self.names},
+               np.zeros((n,) if self.target else (n, self.classes), np.float32))
+        while n and queue.queued < self.batch_size:
+            before = queue.queued
+            self._add(out, slice(0, n), inputs, None, last=True)
+            if queue.queued == before:
+                return None
+        if queue.queued < self.batch_size:
+            return None
+        x, a, idx, tgt = queue.take(self.batch_size, self.batch_size)
+        scorer = self._scorer()
+        return lambda: np.asarray(scorer.predict_on_batch((*x, a, idx, tgt)))
+
     def _score(self, queue, take, run):
         """Score the next `take` queued pairs of one layer in one batch of `run` >= take."""
         x, a, idx, tgt = queue.take(take, run)
-        scorer = derived(self.net, ("masked_scores", tuple(self.size), self.view, self.target),
-                         lambda: MaskedScores(explainable_cached(self.net, view=self.view), self.size, self.view.input,
-                                              self.target))
+        scorer = self._scorer()
         if self.distribution is None:
             scores = scorer.predict_on_batch((*x, a, idx, tgt))
         else:  # the pairs sharded over the devices, the few distinct images on every device

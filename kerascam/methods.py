@@ -20,17 +20,18 @@ def spatial_axes(a):
 
 
 @register("scorecam", "Score-CAM", MASKED)
-def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=None, precision="auto",
+def score_cam(model, images, layer=None, class_index=None, batch_size="auto", max_n=None, precision="auto",
               devices=None, **view):
     """Score-CAM (Wang et al. 2020) maps (N, H, W) float32 in [0, 1] for images (N, H, W, C) as the model
     takes them: each channel of the layer's activation, upsampled and min-max normalised, masks the image,
     and its weight is the target class's probability there (the authors' reference code).
 
-    layer: a name, path or Layer (None: the last conv layer), see layers.find_layer. class_index: None
+    layer: a name, path or Layer (None: the default layer), see layers.find_layer. class_index: None
     explains each image's predicted class; an int or N ints choose classes. max_n: Faster-Score-CAM,
     only the max_n channels of largest spatial standard deviation (None or 0: every channel).
     batch_size: masked images a forward pass, at most maps.PIXEL_BUDGET pixels in all (fewer, for pictures
-    larger than 224 x 224, so memory stays bounded). precision: "float32", "bfloat16" (a bfloat16 copy
+    larger than 224 x 224, so memory stays bounded); "auto" measures 32, 64, 128 and 256 on the first
+    pictures of a large call and keeps the fastest (batching.py; 256 for a small call). precision: "float32", "bfloat16" (a bfloat16 copy
     of the model does the forward passes) or "auto" (measured: scoring.auto_precision).
     devices: None (one device), a count, "all" or device names: the masked batches are sharded over
     them with Keras's DataParallel distribution (JAX backend; batch_size a multiple of their number).
@@ -43,7 +44,7 @@ def score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n
 
 
 @register("faster_scorecam", "Faster-Score-CAM (16 ch.)", MASKED)
-def faster_score_cam(model, images, layer=None, class_index=None, batch_size=256, max_n=16, precision="auto",
+def faster_score_cam(model, images, layer=None, class_index=None, batch_size="auto", max_n=16, precision="auto",
                      devices=None, **view):
     """Faster-Score-CAM (Desai & Ramaswamy's channel selection as in the Score-CAM authors' repository):
     Score-CAM on the max_n channels of largest spatial standard deviation."""

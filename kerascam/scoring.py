@@ -1,7 +1,8 @@
 """Score-CAM's Python API over the engine: several layers from one activation pass, any stream of
-batches, and the precision option resolved once per call."""
+batches, and the precision and batch_size options resolved once per call."""
 import numpy as np
 
+from .batching import AUTO_PICTURES, check_batch, resolve_batch_size
 from .devices import resolve_devices
 from .engine import Explainer
 from .graph import explainable_cached
@@ -26,13 +27,30 @@ def _runner(model, layers, batch_size, max_n, inputs=None, **view):
         part = sample if inputs is None or len(inputs) == 1 else [a[:len(sample)] for a in inputs]
         return score_cam_layers(model, part, layers, batch_size=batch_size, max_n=max_n, precision=choice, **view)
 
-    return run, (tuple(find_layer(model, layer).path for layer in layers), max_n) + tuple(view.items())
+    options = tuple(view.get(k) for k in ("input", "output", "reshape", "target"))  # given or not: the same key
+    return run, (tuple(find_layer(model, layer).path for layer in layers), max_n) + options
 
 
 def _measured(model, layers, inputs, images, batch_size, max_n, passes=None, **view):
     """resolve_precision("auto") for a Score-CAM call on these layers and options."""
     run, key = _runner(model, layers, batch_size, max_n, inputs, **view)
     return resolve_precision("auto", model, run, images, passes, key)
+
+
+def _batch_size(model, layers, inputs, index, batch_size, max_n, precision, passes, devices, **view):
+    """resolve_batch_size for a Score-CAM call: each candidate one full masked batch of the call's first
+    pictures (`inputs`, all the model's inputs; `index` the masked one) through this call's engine."""
+    sample = None if inputs is None else [a[:AUTO_PICTURES] for a in inputs]
+
+    def prepare(b):
+        explainer = Explainer(model, layers, b, max_n, precision, view=resolve(model, view.get("input"),
+                              view.get("output"), view.get("reshape")), target=view.get("target"))
+        return explainer.masked_step(sample if len(sample) > 1 else sample[0])
+
+    key = (tuple(find_layer(model, layer).path for layer in layers), max_n, precision,
+           None if inputs is None else inputs[index].shape[1:]) + tuple(view.items())
+    return resolve_batch_size(batch_size, model, None if sample is None or not len(sample[index]) else prepare,
+                              passes, key, len(resolve_devices(devices)))
 
 
 def auto_precision(model, layers, images, batch_size=256, max_n=None, **view):
@@ -99,7 +117,7 @@ def _first_batch(batches, count=1):
     return _split(first, count)[0], again()
 
 
-def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=256, max_n=None,
+def score_cam_stream(model, batches, layer=None, class_index=None, batch_size="auto", max_n=None,
                      precision="auto", layers=None, devices=None, input=None, output=None, reshape=None, target=None):
     """Score-CAM over any iterable of image batches (a generator, a list, a tf.data dataset's
     .as_numpy_iterator()): an iterator giving, for each batch in order, its maps (n, H, W) float32
@@ -121,20 +139,24 @@ def score_cam_stream(model, batches, layer=None, class_index=None, batch_size=25
     max_n = check_max_n(max_n)
     view = resolve(model, input, output, reshape)
     target = check_target(target, None if class_index == "labels" else class_index)
+    batch_size, given = check_batch(batch_size), dict(input=input, output=output, reshape=reshape, target=target)
     if len(resolve_devices(devices)) > 1:
         precision = "float32" if precision == "auto" else precision
-    if precision == "auto":
+    inputs = None
+    if "auto" in (precision, batch_size):
         first, batches = _first_batch(batches, len(model.inputs))
         inputs = None if first is None else check_inputs(model, first, view.input)
+    if precision == "auto":
         precision = _measured(model, wanted, inputs, None if first is None else inputs[view.input], batch_size,
-                              max_n, input=input, output=output, reshape=reshape, target=target)
-    explainer = Explainer(model, wanted, batch_size, max_n, resolve_precision(precision), devices=devices,
-                          view=view, target=target)
+                              max_n, **given)
+    precision = resolve_precision(precision)
+    batch_size = _batch_size(model, wanted, inputs, view.input, batch_size, max_n, precision, None, devices, **given)
+    explainer = Explainer(model, wanted, batch_size, max_n, precision, devices=devices, view=view, target=target)
     results = explainer.explain(_parts(batches, class_index, len(model.inputs)))
     return results if layers is not None else (maps[explainer.names[0]] for maps, _ in results)
 
 
-def score_cam_layers(model, images, layers=None, class_index=None, batch_size=256, max_n=None, chunk=None,
+def score_cam_layers(model, images, layers=None, class_index=None, batch_size="auto", max_n=None, chunk=None,
                      precision="auto", devices=None, input=None, output=None, reshape=None, target=None):
     """Score-CAM maps of several layers from one activation pass: (maps {layer path: (N, *spatial) float32
     in [0, 1]}, the probabilities (N, C) that were explained, or with a target its scores (N,)). layers:
@@ -145,14 +167,17 @@ def score_cam_layers(model, images, layers=None, class_index=None, batch_size=25
     target = check_target(target, class_index)
     inputs = check_inputs(model, images, view.input)
     max_n = check_max_n(max_n)
+    batch_size, given = check_batch(batch_size), dict(input=input, output=output, reshape=reshape, target=target)
     if len(resolve_devices(devices)) > 1:
         precision = "float32" if precision == "auto" else precision
-    if precision == "auto":
+    passes = None
+    if "auto" in (precision, batch_size):
         channels = sum(explainable_cached(model, [find_layer(model, layer)], view=view).outputs[0].shape[-1]
                        for layer in layers)
         passes = len(inputs[view.input]) * min(channels, max_n * len(layers) if max_n else channels)
-        precision = _measured(model, layers, inputs, inputs[view.input], batch_size, max_n, passes, input=input,
-                              output=output, reshape=reshape, target=target)
-    explainer = Explainer(model, layers, batch_size, max_n, resolve_precision(precision), chunk, devices, view,
-                          target)
+    if precision == "auto":
+        precision = _measured(model, layers, inputs, inputs[view.input], batch_size, max_n, passes, **given)
+    precision = resolve_precision(precision)
+    batch_size = _batch_size(model, layers, inputs, view.input, batch_size, max_n, precision, passes, devices, **given)
+    explainer = Explainer(model, layers, batch_size, max_n, precision, chunk, devices, view, target)
     return next(iter(explainer.explain([(inputs if len(inputs) > 1 else inputs[0], class_index)])))

@@ -45,7 +45,11 @@ def _names(tensors):
 
 def resolve(model, input=None, output=None, reshape=None):
     """The View of these options for this model; a ValueError listing the candidates where one is needed."""
-    inputs, outputs = list(model.inputs), list(model.outputs)
+    try:
+        inputs, outputs = list(model.inputs), list(model.outputs)
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError("the model must be a built Sequential or functional Keras model (give it a keras.Input); "
+                         "subclassed models cannot be explained layer by layer") from None
     image_like = [i for i, t in enumerate(inputs) if 3 <= len(t.shape) <= 5]
     if not image_like:
         raise ValueError(f"the model takes no image-like input (N, H, W, C), (N, L, C) or (N, D, H, W, C): "

@@ -35,9 +35,15 @@ JAX_SUBSET = {
     "test_train.py": ("sigkill",),
     "test_regularise.py": ("resumes", "average"),
     "test_scorecam_cli.py": ("good_missing", "jpeg[gradcampp]"),
+    "test_backbones.py": ("operation_nodes_explained",),
     "test_beyond.py": None,
     "test_package.py": ("eigen", "hires", "registry_records"),
 }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: a large keras.applications model (about 10 s on 2 cores); "
+                                       "-m 'not heavy' leaves them out")
 
 
 def pytest_collection_modifyitems(config, items):

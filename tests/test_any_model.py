@@ -163,7 +163,8 @@ def test_nested_backbone_inner_layer_matches_the_plain_computation(mobilenet):
     inner = keras.Model(backbone.input, backbone.get_layer("block_16_project_BN").output)
     fast = score_cam(model, x, layer="block_16_project_BN", precision="float32")  # a BatchNorm, 4-D
     assert_close_maps(fast, plain_score_cam(predict(inner), predict(model), x))
-    assert kerascam.layers.find_layer(model).path == (backbone.name, "Conv_1")  # the default: last conv, inside
+    # the default, found inside: the block output after Conv_1 (a linear conv before its BatchNorm) and the ReLU
+    assert kerascam.layers.find_layer(model).path == (backbone.name, "out_relu")
 
 
 def test_logits_twin_gives_the_softmax_models_maps(mobilenet):
@@ -252,7 +253,7 @@ def test_preprocessing_layers_before_a_nested_backbone():
     for layer in ("inner_conv", "backbone/inner_conv", backbone.get_layer("inner_conv")):
         assert_close_maps(score_cam(model, images, layer=layer, precision="float32"),
                           plain_score_cam(acts, predict(model), images))
-    # the default is the last conv layer, found inside: a linear one, whose activations go negative
+    # the default, found inside: the last conv, a linear one (no normalisation after it), whose activations go negative
     assert kerascam.layers.find_layer(model).path == ("backbone", "inner_linear")
 
 

@@ -78,7 +78,7 @@ def test_scorecam_cli_on_the_corpus_writes_every_good_picture_and_one_line_per_b
     out = tmp_path / "out"
     r = run_cli("scorecam.py", *sorted(tmp_path / "c" / n for n in corpus), "--model", tiny_model_path, "--out", out)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    errors = r.stderr.strip().splitlines()
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning: ")]  # an all-zero map
     assert len(errors) == sum(not ok for ok in corpus.values()) and all(e.startswith("error: ") for e in errors)
     written = sorted(p.name for p in out.iterdir())
     assert len(written) == sum(corpus.values()) and "名前 with spaces ふぁいる_scorecam.png" in written
