@@ -1,7 +1,7 @@
 """bench.py --backbones: Score-CAM on the backbones people bring, against the bound, at several batch sizes.
 
     python bench.py --backbones [--backends tensorflow,jax] [--backbone-names VGG16,ResNet50,...]
-                    [--backbone-n 1] [--repeats 3] [--json md_image/bench_backbones.json]
+                    [--backbone-n 1] [--repeats 3] [--json md_image/bench_backbones.json] [--resume]
 
 Each backbone is keras.applications' (weights=None, include_top=True, 10 classes, 64 x 64 pictures,
 seeded), explained at the layer layer=None picks (K channels). For each batch size of BATCHES, in one
@@ -13,7 +13,8 @@ reported), it times
 T is the best of the T_b (the model's own best batched throughput) and the bound T / (K + 1); each
 batch size's ratio is Score-CAM's images/s over that bound. Channels that are constant on a picture
 are skipped (weight 0), so "passes/image" (1 + the varying channels) can be below K + 1 and a ratio
-can pass 1. Each backend runs in its own subprocess (KERAS_BACKEND); the JSON is written atomically.
+can pass 1. Each (backend, backbone) row runs in a subprocess of its own (KERAS_BACKEND); the JSON is
+written atomically after each row, and --resume keeps the rows it holds and runs the others.
 """
 import json
 import os
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 BATCHES = (32, 64, 128, 256)
 BACKBONES = ("VGG16", "ResNet50", "EfficientNetB0", "ConvNeXtTiny")
@@ -106,22 +108,29 @@ def child(names, n, repeats, seed):
     print(json.dumps({"backend": keras.backend.backend(), "rows": rows}))
 
 
-def run(args, machine, log):
-    """Every backend's rows, each in a subprocess; the report, with the batch-size decision."""
+def run(args, machine, log, save=lambda report: None, done=None):
+    """Every backend's rows, each backbone in a subprocess of its own; the report, with the batch-size
+    decision. The report is saved after each row, and `done` (an earlier report, --resume) keeps its rows,
+    so a run cut short is continued, not repeated."""
     names = [s.strip() for s in args.backbone_names.split(",") if s.strip()]
-    report = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "batches": list(BATCHES),
-              "settings": {"side": SIDE, "images": args.backbone_n, "repeats": args.repeats, "seed": args.seed,
-                           "T_pictures": T_PICTURES},
-              "load_before": os.getloadavg(), "backends": {}}
+    report = done or {"machine": machine, "date": time.strftime("%Y-%m-%d"), "batches": list(BATCHES),
+                      "settings": {"side": SIDE, "images": args.backbone_n, "repeats": args.repeats,
+                                   "seed": args.seed, "T_pictures": T_PICTURES},
+                      "load": [], "backends": {}}
     for backend in [s.strip() for s in args.backends.split(",") if s.strip()]:
-        command = [sys.executable, __file__, "--child", ",".join(names), str(args.backbone_n), str(args.repeats),
-                   str(args.seed)]
-        done = subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=backend), stdout=subprocess.PIPE,
-                              text=True, check=False)
-        if done.returncode:
-            sys.exit(f"error: the {backend} backbone run failed (exit status {done.returncode})")
-        report["backends"][backend] = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
-    report["load_after"] = os.getloadavg()
+        rows = report["backends"].setdefault(backend, {})
+        for name in [n for n in names if n not in rows]:
+            load = os.getloadavg()
+            command = [sys.executable, __file__, "--child", name, str(args.backbone_n), str(args.repeats),
+                       str(args.seed)]
+            child_run = subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=backend), stdout=subprocess.PIPE,
+                                       text=True, check=False)
+            if child_run.returncode:
+                sys.exit(f"error: the {backend} {name} row failed (exit status {child_run.returncode}); "
+                         "--resume continues from the rows saved")
+            rows.update(json.loads(child_run.stdout.strip().splitlines()[-1])["rows"])
+            report["load"].append({"row": f"{backend}/{name}", "before": load, "after": os.getloadavg()})
+            save(report)
     gains = {f"{backend}/{name}": row["gain_of_fastest_over_256"]
              for backend, rows in report["backends"].items() for name, row in rows.items()}
     report["decision"] = {"gains_over_256": gains, "threshold": GAIN,
@@ -140,18 +149,23 @@ def add_arguments(p):
                    help="--backbones: keras.applications models (default: %(default)s)")
     p.add_argument("--backbone-n", type=int, default=1, help="--backbones: pictures a timed call (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="--backbones: interleaved rounds (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="--backbones: keep the rows already in --json, run the rest")
 
 
 def main(p, args, machine, write_text):
     """bench.py --backbones: the rows on each backend, written atomically to --json."""
     if args.backbone_n < 1 or args.repeats < 1:
         p.error("--backbone-n and --repeats must be at least 1")
-    report = run(args, machine, lambda line: print(line, flush=True))
     path = args.json or "md_image/bench_backbones.json"
-    try:
-        write_text(path, json.dumps(report, indent=1) + "\n")
-    except OSError as e:
-        sys.exit(f"error: cannot write {path}: {e.strerror or e}")
+
+    def save(report):
+        try:
+            write_text(path, json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            sys.exit(f"error: cannot write {path}: {e.strerror or e}")
+
+    done = json.loads(Path(path).read_text()) if args.resume and Path(path).is_file() else None
+    save(run(args, machine, lambda line: print(line, flush=True), save, done))
     print(f"wrote {path}")
 
 

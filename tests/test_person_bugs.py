@@ -87,6 +87,12 @@ def _softmax(h):
     return layers.Activation("softmax", name="probs")(layers.Dense(3, name="logits")(h))
 
 
+def functional_head():
+    """A functional head model: logits, a softmax, then a Dropout."""
+    inp = keras.Input((4,))
+    return keras.Model(inp, layers.Dropout(0.5)(layers.Softmax()(layers.Dense(3, name="logits")(inp))), name="head")
+
+
 # Heads whose output is the softmax's probabilities (the README's score rule): the explained probabilities
 # must be the model's own, and the maps those of the logits twin (softmax applied once, never twice).
 # Each "... after softmax" head ends in a layer or op that keeps the values, which the rule looks through.
@@ -99,6 +105,11 @@ SOFTMAX_HEADS = {
     "softmax_layer": lambda h: layers.Softmax(name="probs")(layers.Dense(3, name="logits")(h)),
     "ops_softmax": lambda h: keras.ops.softmax(layers.Dense(3, name="logits")(h)),
     "lambda_softmax": lambda h: layers.Lambda(keras.activations.softmax, name="probs")(layers.Dense(3, name="logits")(h)),
+    # a nested head model whose own output is a softmax before a Dropout: the rule descends into it
+    "nested_sequential_head": lambda h: keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="softmax",
+                                                                                      name="logits"),
+                                                          layers.Dropout(0.5)], name="head")(h),
+    "nested_functional_head": lambda h: functional_head()(h),
 }
 TRAILING = {"dropout_after_softmax", "identity_after_softmax", "float32_linear_after_softmax",
             "ops_cast_after_softmax"}
@@ -132,7 +143,7 @@ def test_each_softmax_head_of_the_score_rule_gives_the_models_own_probabilities(
     x, twin_logits, (twin_score, twin_grad) = logits_twin_maps
     inp, h = trunk()
     model = keras.Model(inp, SOFTMAX_HEADS[head](h))
-    model.get_layer("logits").set_weights(LOGITS)  # the twin's (a Dropout or Softmax layer made first draws seeds)
+    kerascam.find_layer(model, "logits").layer.set_weights(LOGITS)  # the twin's (a layer made first draws seeds)
     own = model.predict(x, verbose=0)
     np.testing.assert_allclose(own, keras.ops.convert_to_numpy(keras.ops.softmax(twin_logits)), atol=1e-6)
     np.testing.assert_allclose(kerascam.predict_probabilities(model, x), own, atol=1e-6)
@@ -149,6 +160,13 @@ def test_each_softmax_head_of_the_score_rule_gives_the_models_own_probabilities(
         np.testing.assert_allclose(grad, bare_grad, atol=1e-6)
 
 
+class Doubled:
+    """A callable object, not a function: no __name__ for the score rule to read."""
+
+    def __call__(self, z):
+        return 2 * z
+
+
 # Heads whose output is not a softmax: a sigmoid of several units (its own per-unit probabilities), or any
 # other output (logits, the softmax applied once by the rule).
 OTHER_HEADS = {
@@ -158,6 +176,7 @@ OTHER_HEADS = {
     "tanh_activation": (lambda h: layers.Activation("tanh")(layers.Dense(3, name="logits")(h)), "softmax"),
     "ops_tanh": (lambda h: keras.ops.tanh(layers.Dense(3, name="logits")(h)), "softmax"),
     "lambda_double": (lambda h: layers.Lambda(lambda z: 2 * z)(layers.Dense(3, name="logits")(h)), "softmax"),
+    "lambda_of_a_callable_object": (lambda h: layers.Lambda(Doubled())(layers.Dense(3, name="logits")(h)), "softmax"),
 }
 
 
@@ -386,7 +405,7 @@ def test_the_time_interval_weights_each_chunk_by_its_pictures():
     assert chunk_bootstrap_ci(ragged, 10) == pytest.approx(weighted_chunk_interval(ragged, 10), abs=1e-9)  # seed 0
     assert chunk_bootstrap_ci(ragged, 10) != chunk_bootstrap_ci(ragged, 10, seed=1)
     assert chunk_bootstrap_ci([4.0], 64) == [4.0, 4.0]  # one picture, one chunk
-    with pytest.raises(ValueError, match="no values to bootstrap"):
+    with pytest.raises(ValueError, match="^no values to bootstrap$"):
         chunk_bootstrap_ci([], 64)
 
 
