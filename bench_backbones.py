@@ -140,6 +140,21 @@ def run(args, machine, log, save=lambda report: None, done=None):
     return report
 
 
+def table(report):
+    """The report as docs/performance.md's table: each row's T, bound and Score-CAM's ratio to the bound at
+    each batch size, the fastest batch size and its gain over 256."""
+    names = {"tensorflow": "TensorFlow", "jax": "JAX"}
+    lines = ["| backbone, layer (K) | backend | T (img/s) | bound T/(K+1) | Score-CAM / bound at batch "
+             + " / ".join(map(str, BATCHES)) + " | fastest (gain over 256) |", "| --- | --- | --- | --- | --- | --- |"]
+    for backend, rows in report["backends"].items():
+        for name, r in rows.items():
+            ratios = " / ".join(f"{r['batch'][str(b)]['ratio_to_bound']:.2f}" for b in BATCHES)
+            lines.append(f"| {name}, `{r['layer']}` (K = {r['channels']}) | {names.get(backend, backend)} | "
+                         f"{r['T']:.1f} | {r['bound']:.4f} | {ratios} | {r['fastest_batch']} "
+                         f"(+{r['gain_of_fastest_over_256']:.0%}) |")
+    return "\n".join(lines)
+
+
 def add_arguments(p):
     p.add_argument("--backbones", action="store_true", help="only the backbone rows (bench_backbones.py): "
                    "keras.applications models at batch 32/64/128/256, each backend in a subprocess; JSON to --json "
@@ -165,7 +180,9 @@ def main(p, args, machine, write_text):
             sys.exit(f"error: cannot write {path}: {e.strerror or e}")
 
     done = json.loads(Path(path).read_text()) if args.resume and Path(path).is_file() else None
-    save(run(args, machine, lambda line: print(line, flush=True), save, done))
+    report = run(args, machine, lambda line: print(line, flush=True), save, done)
+    save(report)
+    print(table(json.loads(json.dumps(report))))  # JSON's string keys, as a --resume reads them
     print(f"wrote {path}")
 
 

@@ -316,12 +316,16 @@ def test_the_sanity_checks_copy_has_the_trained_weights(monkeypatch):
     model = sanity_model(classes=3)
     x = images(4, seed=2)
     targets = kerascam.predict_probabilities(model, x).argmax(1)
-    out = kerascam.sanity.sanity_check(model, x, ev.method_functions(["gradcam", "scorecam"]), targets)
-    for name, per_step in out.items():
-        assert list(per_step) == ["logits", "fc1", "conv2", "conv1"]
-        for step, rho in per_step.items():
-            assert rho.shape == (4,) and (rho > 0.999).all(), (name, step, rho)
-    assert seeds == [0, 100, 200, 300, 310]  # the default seed is 0
+    methods = ev.method_functions(["gradcam", "scorecam"])
+    for layer in (None, "conv1"):  # the default layer (conv2) and another: both explanations at the layer asked for
+        out = kerascam.sanity.sanity_check(model, x, methods, targets, layer=layer)
+        for name, per_step in out.items():
+            assert list(per_step) == ["logits", "fc1", "conv2", "conv1"]
+            for step, rho in per_step.items():
+                assert rho.shape == (4,) and (rho > 0.999).all(), (name, layer, step, rho)
+    assert seeds == [0, 100, 200, 300, 310] * 2  # the default seed is 0
+    at = {layer: methods["gradcam"](model, x, layer, targets, 256) for layer in ("conv1", "conv2")}
+    assert (kerascam.metrics.spearman(at["conv1"], at["conv2"]) < 0.99).all()  # so the layer asked for matters
 
 
 def test_the_sanity_sample_is_a_seeded_sorted_draw_without_repeats():
