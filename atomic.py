@@ -14,6 +14,7 @@ from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_IN_FLIGHT = set()  # the temporary paths of the writes in progress (discard_in_flight)
 _NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows filesystems
 
 
@@ -59,6 +60,7 @@ def atomic_path(path):
     name = os.fsencode(path.name)
     stem = name[:room].decode("utf-8", "ignore") if len(name) > room else path.name  # cut between characters
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)
+    _IN_FLIGHT.add(tmp)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
     try:
@@ -68,6 +70,15 @@ def atomic_path(path):
         fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
+            os.unlink(tmp)
+        _IN_FLIGHT.discard(tmp)
+
+
+def discard_in_flight():
+    """Remove the temporary files of the writes in progress, for a process about to end at once (os._exit
+    from a signal handler): every target is left as it was, whole, and no temporary file stays behind."""
+    for tmp in list(_IN_FLIGHT):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
 
 

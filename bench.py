@@ -4,6 +4,7 @@
                     [--sizes 32,64,mobilenet,vit] [--mobilenet-n 6] [--vit-n 64]      (KERAS_BACKEND=jax for JAX)
     python bench.py --backbones     # keras.applications backbones at batch 32-256, TensorFlow and JAX
                                     # (bench_backbones.py; md_image/bench_backbones.json)
+    python bench.py --profile --n 16  # where a call's time goes on this backend (bench_profile.py)
 
 Score-CAM costs one forward pass per image for the activations plus one per channel of the
 explained layer, so with T the model's own batched throughput (images/s: the faster of
@@ -53,6 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 import bench_backbones
+import bench_profile
 import kerascam
 from kerascam.copies import bfloat16_copy
 from kerascam.layers import path_name
@@ -371,11 +373,16 @@ def main(argv=None):
     p.add_argument("--json", help="write every figure to this JSON file (atomically)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     bench_backbones.add_arguments(p)
+    p.add_argument("--profile", action="store_true", help="where a call's time goes (bench_profile.py): T, the "
+                   "activation pass, the masked step, the masking alone, a profile of a call of --n pictures (at most 64)")
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child, args.seed)
     if args.backbones:
         return bench_backbones.main(p, args, machine(), write_text)
+    if args.profile:
+        print(f"{runtime.cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}", flush=True)
+        return bench_profile.main(p, args)
     if min(args.n, args.naive_n, args.bf16_n, args.mobilenet_n, args.vit_n) < 1:
         p.error("--n, --naive-n, --bf16-n, --mobilenet-n and --vit-n must be at least 1")
     if args.memory_n < 0:

@@ -1,7 +1,8 @@
 """bench.py --backbones: Score-CAM on the backbones people bring, against the bound, at several batch sizes.
 
     python bench.py --backbones [--backends tensorflow,jax] [--backbone-names VGG16,ResNet50,...]
-                    [--backbone-n 1] [--repeats 3] [--json md_image/bench_backbones.json] [--resume]
+                    [--backbone-n 1] [--repeats 2] [--json md_image/bench_backbones.json] [--resume]
+    [KERAS_BACKEND=jax] python bench.py --backbones --auto-cost   # what batch_size="auto" costs here
 
 Each backbone is keras.applications' (weights=None, include_top=True, 10 classes, 64 x 64 pictures,
 seeded), explained at the layer layer=None picks (K channels). For each batch size of BATCHES, in one
@@ -155,6 +156,36 @@ def table(report):
     return "\n".join(lines)
 
 
+def auto_cost(names, seed, log):
+    """What batch_size="auto" costs here, on the running backend (KERAS_BACKEND), per backbone: the measurement
+    run as for a stream (every candidate), its wall time, one compilation's time as it saw it, the rates and
+    the choice, and the smallest call it measures for (batching's AUTO_SHARE gate) with that call's time at 256."""
+    import keras
+    import numpy as np
+
+    import kerascam
+    from kerascam import batching
+    from kerascam.engine import Explainer
+
+    for name in names:
+        model = build(name, seed)
+        ref = kerascam.find_layer(model)
+        x = np.random.default_rng(seed + 1).uniform(0, 255, (2, SIDE, SIDE, 3)).astype(np.float32)
+        kerascam.score_cam(model, x[:1], batch_size=16, precision="float32")  # the activation graph compiled
+        start = time.perf_counter()
+        m = batching.measure_batch_size(model, lambda b: Explainer(model, [ref], b, None, "float32").masked_step(x),
+                                        ("bench", name), None)
+        seconds = time.perf_counter() - start
+        base = {"rate": m["pictures_per_s"][batching.DEFAULT], "compile_s": m["compile_s"]}
+        passes = max(batching.AUTO_SHARE * batching._others_cost(base) * base["rate"], batching.AUTO_MIN_PASSES)
+        k = int(kerascam.explainable(model, [ref]).outputs[0].shape[-1])
+        log(f"{keras.backend.backend()} {name} (K = {k}): measured in {seconds:.1f} s (one compilation "
+            f"{m['compile_s']:.1f} s), masked pictures/s " + ", ".join(f"{b}: {r:.1f}" for b, r in
+                                                                    sorted(m["pictures_per_s"].items()))
+            + f"; chose {m['choice']}; measures for calls of {passes:,.0f} masked passes ({-(-passes // k):,.0f} "
+            f"pictures, {passes / base['rate']:.0f} s at 256) or more")
+
+
 def add_arguments(p):
     p.add_argument("--backbones", action="store_true", help="only the backbone rows (bench_backbones.py): "
                    "keras.applications models at batch 32/64/128/256, each backend in a subprocess; JSON to --json "
@@ -163,14 +194,19 @@ def add_arguments(p):
     p.add_argument("--backbone-names", default=",".join(BACKBONES),
                    help="--backbones: keras.applications models (default: %(default)s)")
     p.add_argument("--backbone-n", type=int, default=1, help="--backbones: pictures a timed call (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="--backbones: interleaved rounds (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=2, help="--backbones: interleaved rounds (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="--backbones: keep the rows already in --json, run the rest")
+    p.add_argument("--auto-cost", action="store_true", help="--backbones: instead of the rows, what batch_size='auto' "
+                   "costs on each backbone on this backend (KERAS_BACKEND), printed")
 
 
 def main(p, args, machine, write_text):
     """bench.py --backbones: the rows on each backend, written atomically to --json."""
     if args.backbone_n < 1 or args.repeats < 1:
         p.error("--backbone-n and --repeats must be at least 1")
+    if args.auto_cost:
+        return auto_cost([n.strip() for n in args.backbone_names.split(",") if n.strip()], args.seed,
+                         lambda line: print(line, flush=True))
     path = args.json or "md_image/bench_backbones.json"
 
     def save(report):

@@ -1,8 +1,9 @@
 """batch_size="auto": how many masked pictures a Score-CAM forward pass runs, measured on the machine it runs on.
 
 A model's throughput depends on its batch size; on a CPU, by how much of a batch's activations stay in the
-caches: bench.py --backbones measured Score-CAM at batch 32 or 64 from 6 % to 73 % faster than at 256 on
-VGG16, ResNet50, EfficientNetB0 and ConvNeXtTiny (docs/performance.md). So "auto" times one full masked
+caches: bench.py --backbones measured Score-CAM's best batch size 4 % to 33 % faster than 256 on TensorFlow
+(VGG16, ResNet50, EfficientNetB0, ConvNeXtTiny at 64 x 64 on a 2-core CPU), 0 % to 7 % on JAX
+(docs/performance.md). So "auto" times one full masked
 batch at each of CANDIDATES, made of the call's first pictures and run through the call's own compiled
 step, after a run that compiles it, and keeps the fastest per picture. Measured once per model, layers,
 max_n, input shape, precision, backend and device in this process (cache.derived, like precision.py's

@@ -43,12 +43,30 @@ def check_model(model):
 
 def _keeps_values(layer):
     """A layer or op that leaves the values as they are at inference: a dtype cast (mixed precision's
-    Activation("linear", dtype="float32"), keras.ops.cast), Identity, Dropout."""
+    Activation("linear", dtype="float32"), keras.ops.cast), Identity, Dropout, or a nested model made of
+    only those (a head Sequential([Dropout(0.5)]) after the softmax)."""
     if isinstance(layer, keras.layers.Activation):
         return _activation_name(layer) == "linear"
     if isinstance(layer, (keras.layers.Identity, keras.layers.Dropout)):
         return True
+    if is_container(layer):
+        return _passes_input_on(layer)
     return not isinstance(layer, keras.layers.Layer) and type(layer).__name__ == "Cast"
+
+
+def _passes_input_on(model):
+    """Whether a nested model's output is its single input through layers and ops that keep the values."""
+    if isinstance(model, keras.Sequential):
+        return all(_keeps_values(layer) for layer in children(model))
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return False
+    history = model.outputs[0]._keras_history
+    while _keeps_values(history.operation):
+        inputs = history.operation._inbound_nodes[history.node_index].arguments.keras_tensors
+        if len(inputs) != 1:
+            return False
+        history = inputs[0]._keras_history
+    return isinstance(history.operation, keras.layers.InputLayer)
 
 
 def _output_path(model, output=0):

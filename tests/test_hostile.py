@@ -182,3 +182,25 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
+
+
+def test_a_process_ended_mid_write_removes_the_temporary_files_of_its_writes_in_progress(tmp_path):
+    """train.py's SIGTERM handler ends the process at once (os._exit) after atomic.discard_in_flight: the
+    temporary file of every write in progress goes, every target stays as it was, and a write that is
+    finished is no longer in flight."""
+    import atomic
+
+    done = tmp_path / "done.json"
+    atomic.write_text(done, "whole")
+    first, second = tmp_path / "a.keras", tmp_path / "b.weights.h5"
+    first.write_text("old a")
+    with atomic.atomic_path(first) as tmp_a, atomic.atomic_path(second) as tmp_b:
+        tmp_a.write_text("half a")
+        tmp_b.write_text("half b")
+        assert {Path(t) for t in atomic._IN_FLIGHT} == {tmp_a, tmp_b}
+        atomic.discard_in_flight()  # the signal arrives here
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras", "done.json"]
+        assert first.read_text() == "old a" and done.read_text() == "whole"
+        tmp_a.write_text("half a")  # (the process would have ended; here the writes go on and finish)
+        tmp_b.write_text("b")
+    assert atomic._IN_FLIGHT == set() and second.read_text() == "b"

@@ -93,6 +93,12 @@ def functional_head():
     return keras.Model(inp, layers.Dropout(0.5)(layers.Softmax()(layers.Dense(3, name="logits")(inp))), name="head")
 
 
+def dropout_model():
+    """A functional model that only passes its input on: a Dropout, then an Identity."""
+    inp = keras.Input((3,))
+    return keras.Model(inp, layers.Identity()(layers.Dropout(0.5)(inp)), name="head")
+
+
 # Heads whose output is the softmax's probabilities (the README's score rule): the explained probabilities
 # must be the model's own, and the maps those of the logits twin (softmax applied once, never twice).
 # Each "... after softmax" head ends in a layer or op that keeps the values, which the rule looks through.
@@ -110,9 +116,12 @@ SOFTMAX_HEADS = {
                                                                                       name="logits"),
                                                           layers.Dropout(0.5)], name="head")(h),
     "nested_functional_head": lambda h: functional_head()(h),
+    # a nested model that only passes the softmax's probabilities on: the rule looks through it as a Dropout
+    "nested_dropout_after_softmax": lambda h: keras.Sequential([layers.Dropout(0.5)], name="head")(_softmax(h)),
+    "nested_functional_dropout_after_softmax": lambda h: dropout_model()(_softmax(h)),
 }
 TRAILING = {"dropout_after_softmax", "identity_after_softmax", "float32_linear_after_softmax",
-            "ops_cast_after_softmax"}
+            "ops_cast_after_softmax", "nested_dropout_after_softmax", "nested_functional_dropout_after_softmax"}
 
 
 def _maps(model, x):
