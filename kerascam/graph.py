@@ -54,38 +54,35 @@ def _keeps_values(layer):
     return not isinstance(layer, keras.layers.Layer) and type(layer).__name__ == "Cast"
 
 
-def _passes_input_on(model):
-    """Whether a nested model's output is its single input through layers and ops that keep the values."""
+def _source(model, output=0):
+    """The layer or op that produces output `output`'s values, before any trailing layers and ops that keep
+    them (casts, Identity, Dropout, nested models of only those), which would hide a softmax from the score
+    rule; None where the output is the model's input itself."""
     if isinstance(model, keras.Sequential):
-        return all(_keeps_values(layer) for layer in children(model))
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return False
-    history = model.outputs[0]._keras_history
+        layers = children(model)
+        while layers and _keeps_values(layers[-1]):
+            layers = layers[:-1]
+        return layers[-1] if layers else None
+    history = model.outputs[output]._keras_history
     while _keeps_values(history.operation):
         inputs = history.operation._inbound_nodes[history.node_index].arguments.keras_tensors
         if len(inputs) != 1:
-            return False
+            break
         history = inputs[0]._keras_history
-    return isinstance(history.operation, keras.layers.InputLayer)
+    return None if isinstance(history.operation, keras.layers.InputLayer) else history.operation
+
+
+def _passes_input_on(model):
+    """Whether a nested model's output is its single input through layers and ops that keep the values."""
+    return len(model.inputs) == 1 and len(model.outputs) == 1 and _source(model) is None
 
 
 def _output_path(model, output=0):
-    """Names from the top model down to the layer that produces output `output`'s values (before any
-    trailing cast, Identity or Dropout, which would hide a softmax from the score rule)."""
-    if isinstance(model, keras.Sequential):
-        layers = children(model)
-        while len(layers) > 1 and _keeps_values(layers[-1]):
-            layers = layers[:-1]
-        last = layers[-1]
-    else:
-        history = model.outputs[output]._keras_history
-        while _keeps_values(history.operation):
-            inputs = history.operation._inbound_nodes[history.node_index].arguments.keras_tensors
-            before = inputs[0]._keras_history
-            if len(inputs) != 1 or isinstance(before.operation, keras.layers.InputLayer):
-                break
-            history = before
-        last = history.operation
+    """Names from the top model down to the layer that produces output `output`'s values (graph._source)."""
+    last = _source(model, output)
+    if last is None:  # a model that computes nothing (its output is its input): its last layer or op
+        last = children(model)[-1] if isinstance(model, keras.Sequential) else \
+            model.outputs[output]._keras_history.operation
     return (last.name,) + (_output_path(last) if is_container(last) else ())
 
 
